@@ -1,0 +1,5 @@
+import sys
+
+from mlproject.cli import main
+
+sys.exit(main())

@@ -1,0 +1,115 @@
+"""Perplexity as quantization papers measure it (GPTQ, AWQ, …), in plain torch.
+
+The test text is tokenized once and concatenated, cut into non-overlapping windows of
+`seqlen` tokens (the tail shorter than a window is dropped), and every window is scored
+independently: PPL = exp(mean next-token NLL over all predicted tokens). A window of
+`seqlen` tokens predicts `seqlen - 1` of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from mlproject.errors import UserError
+
+log = logging.getLogger(__name__)
+
+BUILTIN_DATASETS = ("offline", "wikitext2")
+
+
+@dataclass(frozen=True)
+class PPLResult:
+    dataset: str
+    ppl: float
+    nll: float  # mean token negative log-likelihood (nats)
+    windows: int
+    tokens: int  # tokens predicted (windows * (seqlen - 1))
+    seqlen: int
+
+
+def check_dataset(spec: str) -> str | None:
+    """Validate a ppl_dataset argument cheaply; returns its short name (None = skip PPL)."""
+    if spec in ("", "none"):
+        return None
+    if spec in BUILTIN_DATASETS:
+        return spec
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path.stem
+    raise UserError(
+        f"unknown ppl_dataset {spec!r}: use {', '.join(BUILTIN_DATASETS)}, none, or a text file path"
+    )
+
+
+def load_text(spec: str) -> str:
+    if spec == "offline":
+        import importlib.resources
+
+        return importlib.resources.files("mlproject.evaluation").joinpath("data/offline_ppl.txt").read_text()
+    if spec == "wikitext2":
+        from datasets import load_dataset
+
+        rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+        return "\n\n".join(rows["text"])
+    return Path(spec).expanduser().read_text()
+
+
+def make_windows(ids, seqlen: int):
+    """[N] token ids -> [N // seqlen, seqlen] non-overlapping windows."""
+    n = ids.numel() // seqlen
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+def window_nll(model, batch) -> tuple[float, int]:
+    """Summed next-token NLL of a [B, T] batch and the number of tokens predicted."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.inference_mode():
+        logits = model(input_ids=batch).logits[:, :-1, :].float()
+    target = batch[:, 1:]
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="sum")
+    return nll.item(), target.numel()
+
+
+def perplexity(
+    model,
+    ids,
+    seqlen: int,
+    batch_size: int = 1,
+    dataset: str = "text",
+    on_batch: Callable[[int], None] | None = None,
+) -> PPLResult:
+    """Score `ids` (1-D tensor of token ids) in windows of `seqlen`, `batch_size` at a time."""
+    ids = ids.reshape(-1)
+    if ids.numel() < 2:
+        raise UserError(f"ppl_dataset {dataset!r} has fewer than 2 tokens")
+    if ids.numel() < seqlen:
+        log.warning("text has %d tokens < seqlen %d; using one window of %d", ids.numel(), seqlen, ids.numel())
+        seqlen = ids.numel()
+    windows = make_windows(ids, seqlen)
+    device = next(model.parameters()).device
+    total_nll, total_tokens = 0.0, 0
+    for start in range(0, windows.size(0), batch_size):
+        batch = windows[start : start + batch_size].to(device)
+        nll, count = window_nll(model, batch)
+        total_nll += nll
+        total_tokens += count
+        if on_batch:
+            on_batch(batch.size(0))
+    mean = total_nll / total_tokens
+    return PPLResult(dataset=dataset, ppl=math.exp(mean), nll=mean, windows=windows.size(0),
+                     tokens=total_tokens, seqlen=seqlen)
+
+
+def context_length(model) -> int | None:
+    cfg = model.config
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(cfg, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

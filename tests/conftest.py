@@ -1,0 +1,50 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory):
+    """One saved tiny model directory per architecture: {"llama": Path, ...}."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: tiny.save_tiny(root / arch, arch) for arch in tiny.ARCHS}
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return tiny.make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory):
+    """One real `mlflow server` on a free localhost port for the whole session."""
+    from mlflow_server import start_server
+
+    with start_server(tmp_path_factory.mktemp("mlflow-server")) as uri:
+        yield uri
+
+
+@pytest.fixture(scope="session")
+def ppl_text_file(tmp_path_factory) -> Path:
+    """A short text for fast perplexity runs on tiny models."""
+    path = tmp_path_factory.mktemp("ppl") / "sample.txt"
+    path.write_text(" ".join(tiny.corpus()[:12]))
+    return path
+
+
+def mlflow_client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(uri)
