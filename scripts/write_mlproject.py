@@ -51,7 +51,7 @@ def render() -> str:
         for f in fields:
             out.append(f"      {f.name}: {{type: {mlflow_type(f)}, default: {yaml_scalar(f.default)}}}\n")
         flags = " ".join(f"--{f.name.replace('_', '-')} {{{f.name}}}" for f in fields)
-        out.append(f'    command: "PYTHONPATH=src:${{PYTHONPATH:-}} python -m mlproject {step} {flags}"\n')
+        out.append(f'    command: "PYTHONPATH=src:$PYTHONPATH python -m mlproject {step} {flags}"\n')
     return "".join(out)
 
 

@@ -36,7 +36,7 @@ _MAX_TAG_LEN = 8000
 _SECRET_KEY = re.compile(r"(token|passw|secret|api[_-]?key|credential|auth)", re.I)
 _URI_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][\w+.\-]*://)(?P<userinfo>[^/@\s]+)@")
 _TOKEN_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{16,}|sk-[A-Za-z0-9\-_]{16,}|ghp_[A-Za-z0-9]{16,}|AKIA[0-9A-Z]{16})\b")
-_QUERY_SECRET = re.compile(r"([?&](?:token|password|secret|key|sig|signature)=)[^&\s]+", re.I)
+_QUERY_SECRET = re.compile(r"([?&](?:[\w\-]*(?:token|password|secret|key|signature|credential)|sig)=)[^&\s]+", re.I)
 _METRIC_BAD = re.compile(r"[^\w\-. /:]")
 
 
@@ -106,8 +106,14 @@ class Run:
         from mlflow.entities import Param
 
         existing = self.client.get_run(self.run_id).data.params
-        items = [Param(k, v) for k, v in clean_mapping(params, _MAX_PARAM_LEN).items()
-                 if existing.get(k) != v]
+        items = []
+        for k, v in clean_mapping(params, _MAX_PARAM_LEN).items():
+            if k in existing and existing[k] != v:
+                # `mlflow run` already logged the raw entry-point value (params are
+                # immutable); the value we resolved it to goes beside it.
+                k = f"resolved.{k}"
+            if existing.get(k) != v:
+                items.append(Param(k, v))
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i:i + 100], synchronous=True)
 
@@ -182,6 +188,10 @@ def step_run(
 
     attach_id = None if nested else os.environ.get("MLFLOW_RUN_ID")
     if attach_id:
+        from mlflow.tracking import MlflowClient
+
+        # The attached run decides the experiment, whatever was set earlier in this process.
+        mlflow.set_experiment(experiment_id=MlflowClient().get_run(attach_id).info.experiment_id)
         active = mlflow.start_run(run_id=attach_id)
         # mlflow run sets MLFLOW_RUN_ID for us; left in place it would override the parent
         # of any nested run we open later (mlflow#15713).

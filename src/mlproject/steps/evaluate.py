@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from mlproject import tracking
 from mlproject.config import EvalOptions, EvaluateConfig
@@ -66,8 +66,11 @@ class EvalOutcome:
         return self.harness.avg_acc if self.harness else None
 
 
-def measure(loaded: loading.LoadedModel, plan: EvalPlan) -> EvalOutcome:
-    """Compute PPL and task metrics of a loaded model (no logging)."""
+def measure(loaded: loading.LoadedModel, plan: EvalPlan,
+            on_metrics: Callable[[dict[str, float]], None] | None = None) -> EvalOutcome:
+    """Compute PPL and task metrics of a loaded model; each part goes to `on_metrics` as
+    soon as it is known, so a later failure loses nothing already measured."""
+    on_metrics = on_metrics or (lambda metrics: None)
     import torch
 
     torch.manual_seed(plan.opts.seed)
@@ -88,6 +91,7 @@ def measure(loaded: loading.LoadedModel, plan: EvalPlan) -> EvalOutcome:
         out.metrics[f"nll/{res.dataset}"] = res.nll
         out.ppl_params = {"ppl.dataset": res.dataset, "ppl.seqlen": res.seqlen,
                           "ppl.windows": res.windows, "ppl.tokens": res.tokens}
+        on_metrics({f"ppl/{res.dataset}": res.ppl, f"nll/{res.dataset}": res.nll})
     if plan.tasks:
         hr = harness.run_tasks(
             model, tok, plan.tasks, limit=plan.limit, num_fewshot=plan.num_fewshot,
@@ -97,15 +101,16 @@ def measure(loaded: loading.LoadedModel, plan: EvalPlan) -> EvalOutcome:
         out.metrics.update(hr.metrics)
         if hr.avg_acc is not None:
             out.metrics["avg_acc"] = hr.avg_acc
+        on_metrics({k: v for k, v in out.metrics.items() if not k.startswith(("ppl/", "nll/"))})
     out.seconds = time.perf_counter() - start
     out.metrics["eval_seconds"] = out.seconds
+    on_metrics({"eval_seconds": out.seconds})
     return out
 
 
 def evaluate_loaded(loaded: loading.LoadedModel, plan: EvalPlan, run: tracking.Run, prefix: str = "") -> EvalOutcome:
     """measure() and log the result on `run`, metric names prefixed (e.g. 'before/')."""
-    out = measure(loaded, plan)
-    run.log_metrics({prefix + k: v for k, v in out.metrics.items()})
+    out = measure(loaded, plan, lambda metrics: run.log_metrics({prefix + k: v for k, v in metrics.items()}))
     run.log_params({prefix + k: v for k, v in out.ppl_params.items()})
     if out.harness is not None:
         run.log_dict(out.harness.raw, f"lm_eval/{prefix.strip('/') or 'results'}{'_results' if prefix else ''}.json")

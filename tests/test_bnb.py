@@ -1,0 +1,87 @@
+"""bitsandbytes through transformers on CPU: layer types, finite logits, real sizes, save/reload."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mlproject.compression.bnb import BNB_METHODS, bnb_config, disable_cpu_repacking, model_size_mb
+from mlproject.errors import UserError
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def _load(path, method):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb_config(method))
+
+
+def _ids():
+    return torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def test_configs():
+    assert bnb_config("bnb-nf4").bnb_4bit_quant_type == "nf4"
+    fp4 = bnb_config("bnb-fp4", compute_dtype="bfloat16", double_quant=True)
+    assert fp4.load_in_4bit and fp4.bnb_4bit_quant_type == "fp4"
+    assert fp4.bnb_4bit_compute_dtype == torch.bfloat16 and fp4.bnb_4bit_use_double_quant
+    assert bnb_config("bnb-int8").load_in_8bit
+    with pytest.raises(UserError, match="bnb-nf4, bnb-fp4, bnb-int8"):
+        bnb_config("gptq")
+    with pytest.raises(UserError, match="compute dtype"):
+        bnb_config("bnb-nf4", compute_dtype="float7")
+
+
+@pytest.mark.parametrize("method", BNB_METHODS)
+def test_quantized_layers_forward_and_size(tiny_dirs, method):
+    from transformers import AutoModelForCausalLM
+
+    fp32 = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])
+    model = _load(tiny_dirs["llama"], method)
+    layer_cls = bnb.nn.Linear8bitLt if method == "bnb-int8" else bnb.nn.Linear4bit
+    quantized = [n for n, m in model.named_modules() if isinstance(m, layer_cls)]
+    assert len(quantized) == 2 * 7  # every decoder linear; lm_head stays full precision
+    assert not isinstance(model.lm_head, layer_cls)
+    with torch.no_grad():
+        logits = model(input_ids=_ids()).logits
+    assert torch.isfinite(logits).all()
+    full, small = model_size_mb(fp32), model_size_mb(model)
+    assert small < full
+    # the decoder linears shrink from 4 bytes/weight to ~0.5 (4-bit) or ~1 (int8) + scales
+    linear = sum(fp32.get_submodule(n).weight.numel() for n in quantized)
+    saved = (full - small) * 2**20
+    per_weight = 4 - saved / linear
+    assert per_weight == pytest.approx(1.0 if method == "bnb-int8" else 0.5, abs=0.1)
+
+
+def test_size_counts_fp32_exactly(tiny_dirs):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["qwen2"])
+    n_bytes = sum(p.numel() * 4 for p in model.parameters()) + sum(b.numel() * b.element_size()
+                                                                     for b in model.buffers())
+    assert model_size_mb(model) == n_bytes / 2**20
+
+
+@pytest.mark.parametrize("method", ["bnb-nf4", "bnb-int8"])
+def test_save_reload_identical_after_forward(tiny_dirs, tmp_path, method):
+    """Lineage: the quantized model is saved and the next step reloads it with plain from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    model = _load(tiny_dirs["llama"], method)
+    layer_cls = bnb.nn.Linear8bitLt if method == "bnb-int8" else bnb.nn.Linear4bit
+    assert disable_cpu_repacking(model) == (0 if method == "bnb-int8" else 14)
+    ids = _ids()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits  # a forward before saving is the dangerous order
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        after_save = model(input_ids=ids).logits
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(reloaded.model.layers[0].mlp.up_proj, layer_cls)
+    disable_cpu_repacking(reloaded)  # same (generic) kernel path as the original, hence bit-equal
+    with torch.no_grad():
+        again = reloaded(input_ids=ids).logits
+    assert torch.equal(before, after_save)
+    assert torch.equal(before, again)

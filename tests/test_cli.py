@@ -1,0 +1,71 @@
+"""Bad input: one line naming the bad value, exit code 2, nothing heavy, no run left RUNNING."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import mlflow_client
+from mlproject import cli
+from mlproject.models import loading
+
+BAD = [
+    (["--model", "mistrall"], "mistrall"),
+    (["--model", "runs:/xyz"], "runs:/xyz"),
+    (["--model", "runs:/0123456789abcdef0123456789abcdef/model"], "0123456789abcdef0123456789abcdef"),
+    (["--model", "models:/nosuch@best_acc"], "nosuch"),
+    (["--tasks", "mlp_capitals,boolqq"], "boolqq"),
+    (["--limit", "abc"], "abc"),
+    (["--limit", "-3"], "-3"),
+    (["--batch-size", "0"], "0"),
+    (["--ppl-dataset", "/no/such/file.txt"], "/no/such/file.txt"),
+    (["--dtype", "float8"], "float8"),
+    (["--device", "tpu"], "tpu"),
+    (["--seqlen", "1"], "seqlen"),
+    (["--seqlen", "long"], "long"),
+    (["--num-fewshot", "-5"], "-5"),
+    (["--adapter", "mistral"], "mistral"),
+]
+
+
+@pytest.mark.parametrize("argv,needle", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_exits_2_with_one_line(argv, needle, mlflow_uri, tiny_dirs, capsys, monkeypatch):
+    def must_not_load(*a, **k):
+        raise AssertionError("weights loaded despite bad input")
+
+    monkeypatch.setattr(loading, "load_model", must_not_load)
+    exp = "bad-" + "-".join(a.strip("-/") for a in argv)[:60]
+    base = ["evaluate", "--model", str(tiny_dirs["llama"]), "--tracking-uri", mlflow_uri, "--experiment", exp]
+    rc = cli.main(base + argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err[-1].startswith("error: ") and needle in err[-1]
+    experiment = mlflow_client(mlflow_uri).get_experiment_by_name(exp)
+    assert experiment is None or not mlflow_client(mlflow_uri).search_runs([experiment.experiment_id])
+
+
+def test_unreachable_tracking_server(tiny_dirs, capsys):
+    from mlflow_server import free_port
+
+    uri = f"http://user:s3cret@127.0.0.1:{free_port()}"
+    rc = cli.main(["evaluate", "--model", str(tiny_dirs["llama"]), "--tracking-uri", uri])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and "unreachable" in err and "127.0.0.1" in err
+    assert "s3cret" not in err
+
+
+def test_cuda_request_without_cuda(tiny_dirs, mlflow_uri, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    rc = cli.main(["evaluate", "--model", str(tiny_dirs["llama"]), "--device", "cuda", "--tracking-uri", mlflow_uri])
+    assert rc == 2 and "cuda" in capsys.readouterr().err
+
+
+def test_help_is_instant_and_imports_nothing_heavy():
+    code = ("import sys; from mlproject import cli; cli.build_parser(); "
+            "heavy = [m for m in ('torch', 'transformers', 'lm_eval', 'mlflow') if m in sys.modules]; "
+            "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
