@@ -184,13 +184,23 @@ def load_model(
         kwargs["device_map"] = {"": device}
     log.info("loading %s (%s, %s) from %s", ref.raw, device, torch_dtype, source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        if local is not None and _is_nonuniform_pruned(local):
+            from mlproject.compression.prune import load_pruned_model
+
+            model = load_pruned_model(local, dtype=torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as exc:
         if ref.kind == "hub" or ref.kind == "alias":
             raise UserError(f"cannot load {ref.raw!r} from the Hugging Face hub: {exc}".splitlines()[0]) from exc
         raise
-    if quantization_config is None:
+    if device == "cpu" and _has_4bit_layers(model):
+        from mlproject.compression.bnb import disable_cpu_repacking
+
+        # bitsandbytes' CPU repacking corrupts a later save_pretrained (see compression/bnb.py).
+        disable_cpu_repacking(model)
+    elif quantization_config is None and getattr(model, "hf_quantizer", None) is None:
         model.to(device)
     model.eval()
     if tok.pad_token is None:
@@ -234,15 +244,17 @@ def resolve_adapter(adapter: str) -> ModelRef:
     return ref
 
 
+def _is_nonuniform_pruned(local: Path) -> bool:
+    cfg = local / "config.json"
+    return cfg.is_file() and bool(json.loads(cfg.read_text()).get("pruned_layer_sizes"))
+
+
+def _has_4bit_layers(model) -> bool:
+    return any(type(m).__name__ == "Linear4bit" for m in model.modules())
+
+
 def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def model_size_mb(model) -> float:
-    """Real bytes of parameters and buffers (packed bytes for quantized layers)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    total += sum(b.numel() * b.element_size() for b in model.buffers())
-    return total / 2**20
 
 
 def save_model_dir(loaded_model, tokenizer, out_dir: Path, **meta) -> Path:

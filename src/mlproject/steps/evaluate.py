@@ -121,8 +121,9 @@ def evaluate_loaded(loaded: loading.LoadedModel, plan: EvalPlan, run: tracking.R
 
 
 def model_metrics(model) -> dict[str, float]:
-    params = loading.count_params(model)
-    return {"params_b": params / 1e9, "model_size_mb": loading.model_size_mb(model)}
+    from mlproject.compression.bnb import model_size_mb
+
+    return {"params_b": loading.count_params(model) / 1e9, "model_size_mb": model_size_mb(model)}
 
 
 def report(title: str, run: tracking.Run, step: str, params: dict, plan: EvalPlan, out: EvalOutcome,
