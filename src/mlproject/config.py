@@ -61,7 +61,7 @@ class RunOptions:
 
     experiment: str = param("", "MLflow experiment name (default: $MLFLOW_EXPERIMENT_NAME or 'mlproject')", cli_only=True)
     run_name: str = param("", "run name (default: '<step>:<model>')", cli_only=True)
-    tracking_uri: str = param("", "MLflow tracking URI (default: $MLFLOW_TRACKING_URI or ./mlruns)", cli_only=True)
+    tracking_uri: str = param("", "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the local store ./mlflow.db)", cli_only=True)
 
 
 @dataclass
