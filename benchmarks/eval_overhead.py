@@ -51,7 +51,7 @@ def bare(model_dir: Path, tasks: list[str], limit, text: str, seqlen: int, batch
     ppl = math.exp(nll / count)
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
     lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, log_samples=False,
-                            task_manager=TaskManager(include_path=str(include_path())))
+                            task_manager=TaskManager(include_path=str(include_path()), include_defaults=False))
     elapsed = time.perf_counter() - start
     print(f"  bare: {elapsed:.2f}s (ppl {ppl:.4f})", flush=True)
     return elapsed

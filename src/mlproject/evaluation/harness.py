@@ -52,12 +52,20 @@ def expand_tasks(spec: str) -> list[str]:
 
 
 @functools.cache
-def task_manager():
+def task_manager(with_defaults: bool = True):
+    """lm-eval's task index plus the bundled tasks. Indexing lm-eval's own ~10k task files
+    takes seconds, so runs that need only bundled tasks skip it (with_defaults=False)."""
     from lm_eval.tasks import TaskManager
 
     from mlproject.evaluation.tasks import include_path
 
-    return TaskManager(include_path=str(include_path()))
+    return TaskManager(include_path=str(include_path()), include_defaults=with_defaults)
+
+
+def task_manager_for(tasks: list[str]):
+    from mlproject.evaluation.tasks import OFFLINE_TASKS
+
+    return task_manager(with_defaults=not set(tasks) <= set(OFFLINE_TASKS))
 
 
 def validate_tasks(tasks: list[str]) -> None:
@@ -136,7 +144,7 @@ def run_tasks(
         tasks=tasks,
         num_fewshot=num_fewshot,
         limit=limit,
-        task_manager=task_manager(),
+        task_manager=task_manager_for(tasks),
         log_samples=False,
         # Never share lm-eval's request cache: its key omits the model identity.
         use_cache=None,
