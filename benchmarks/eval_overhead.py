@@ -35,7 +35,7 @@ def bare(model_dir: Path, tasks: list[str], limit, text: str, seqlen: int, batch
     from lm_eval.tasks import TaskManager
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mlproject.evaluation.tasks import include_path
+    from mlproject.evaluation.tasks import OFFLINE_TASKS, include_path
 
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -51,7 +51,8 @@ def bare(model_dir: Path, tasks: list[str], limit, text: str, seqlen: int, batch
     ppl = math.exp(nll / count)
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
     lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, log_samples=False,
-                            task_manager=TaskManager(include_path=str(include_path()), include_defaults=False))
+                            task_manager=TaskManager(include_path=str(include_path()), 
+                                                          include_defaults=not set(tasks) <= set(OFFLINE_TASKS)))
     elapsed = time.perf_counter() - start
     print(f"  bare: {elapsed:.2f}s (ppl {ppl:.4f})", flush=True)
     return elapsed

@@ -74,3 +74,16 @@ def save_tiny(path: Path, arch: str = "llama", seed: int = 0, **overrides) -> Pa
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def save_tiny_gpt2(path: Path, seed: int = 0) -> Path:
+    """A tiny GPT-2 directory: an architecture the compression steps must refuse cleanly."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=320, n_positions=128, n_embd=64, n_layer=2, n_head=4,
+                                       bos_token_id=0, eos_token_id=0))
+    model.save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path

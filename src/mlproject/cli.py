@@ -19,6 +19,12 @@ from typing import Any
 STEPS: dict[str, tuple[str, str, str]] = {
     "evaluate": ("mlproject.config:EvaluateConfig", "mlproject.steps.evaluate",
                  "perplexity + lm-eval tasks of one model"),
+    "finetune": ("mlproject.config:FinetuneStepConfig", "mlproject.steps.finetune",
+                 "SFT / DPO with LoRA, QLoRA or full fine-tuning (trl), evaluated before/after"),
+    "quantize": ("mlproject.config:QuantizeConfig", "mlproject.steps.quantize",
+                 "weight quantization (RTN simulated, bitsandbytes nf4/fp4/int8) + evaluation"),
+    "prune": ("mlproject.config:PruneStepConfig", "mlproject.steps.prune",
+              "structured pruning to a fraction of parameters + evaluation"),
 }
 
 

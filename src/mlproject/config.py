@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlproject.compression.bnb import BNB_METHODS
 from mlproject.errors import UserError
 
 
@@ -110,3 +111,160 @@ class EvaluateConfig(EvalOptions, ModelOptions, RunOptions):
 
     def __post_init__(self):
         EvalOptions.__post_init__(self)
+
+
+def _field_default(cls, name: str) -> Any:
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
+@dataclass
+class QuantizeConfig(EvalOptions, ModelOptions, RunOptions):
+    """`quantize`: weight quantization (simulated RTN or bitsandbytes), logged as a model, then evaluated."""
+
+    method: str = param("rtn", "rtn (simulated: weights rounded to the grid, stored dequantized), "
+                        "bnb-nf4, bnb-fp4 or bnb-int8 (real bitsandbytes layers via BitsAndBytesConfig)",
+                        choices=("rtn", *BNB_METHODS))
+    w_bits: int = param(4, "rtn: integer bits per weight, 2..8 (bnb methods fix their own: 4 or 8)")
+    group_size: int = param(128, "rtn: input columns sharing one scale; must divide every quantized layer's "
+                            "in_features (SmolLM2's 576: use 64 or 32); -1 = whole row")
+    scheme: str = param("symmetric", "rtn: symmetric (grid around 0) or asymmetric (min/max, integer zero point)")
+    granularity: str = param("per_group", "rtn: per_group (one scale per group_size columns) or per_channel (per row)")
+    modules: str = param("all-linear", "rtn: all-linear (every nn.Linear but the LM head) or a comma list of "
+                         "layer-name substrings, e.g. q_proj,k_proj")
+    evaluate: bool = param(True, "evaluate the quantized model (PPL + tasks) in the same run")
+
+    RTN_ONLY = ("w_bits", "group_size", "scheme", "granularity", "modules")
+
+    def __post_init__(self):
+        EvalOptions.__post_init__(self)
+        if self.method == "rtn":
+            self.rtn_config()  # the library's own validation (bits, scheme, granularity, group size)
+            return
+        bits = 8 if self.method == "bnb-int8" else 4
+        for name in self.RTN_ONLY:
+            value = getattr(self, name)
+            if value != _field_default(type(self), name) and not (name == "w_bits" and value == bits):
+                raise UserError(f"{name}={value!r} applies to method=rtn only; {self.method} stores "
+                                f"{bits}-bit weights in bitsandbytes' own layout (leave {name} at its default)")
+
+    def rtn_config(self):
+        from mlproject.compression.rtn import RTNConfig
+
+        return RTNConfig(w_bits=self.w_bits, group_size=self.group_size, scheme=self.scheme,
+                         granularity=self.granularity, modules=self.modules)
+
+
+@dataclass
+class PruneStepConfig(EvalOptions, ModelOptions, RunOptions):
+    """`prune`: structured pruning (MLP channels / KV head groups) to a target fraction of parameters, then evaluated."""
+
+    ratio: float = param(0.2, "fraction of all parameters to remove, in (0, 1); achieved within 0.01")
+    importance: str = param("magnitude", "magnitude (L2 norm of a unit's weights) or activation "
+                            "(Wanda-style |W|·‖X‖ over the calibration text)")
+    targets: str = param("mlp", "what to remove: mlp (intermediate channels), heads (whole KV groups) or both")
+    calibration: str = param("offline", "importance=activation: calibration text: offline (the bundled PPL text), "
+                             "wikitext2 or a .txt path")
+    calibration_samples: int = param(8, "importance=activation: calibration sequences (random windows of the text)")
+    calibration_seqlen: int = param(256, "importance=activation: tokens per calibration sequence")
+    keep_layers: int = param(0, "leave the first and last N decoder layers unpruned (N > 0: non-uniform sizes)")
+    evaluate: bool = param(True, "evaluate the pruned model (PPL + tasks) in the same run")
+
+    def __post_init__(self):
+        EvalOptions.__post_init__(self)
+        self.prune_config()  # the library's own validation (ratio, importance, targets, keep_layers)
+        if self.importance == "activation":
+            from mlproject.evaluation.perplexity import check_dataset
+
+            if check_dataset(self.calibration) is None:
+                raise UserError(f"calibration {self.calibration!r}: importance=activation needs a text "
+                                "(offline, wikitext2 or a .txt path)")
+            if self.calibration_samples < 1:
+                raise UserError(f"calibration_samples {self.calibration_samples} must be at least 1")
+            if self.calibration_seqlen < 2:
+                raise UserError(f"calibration_seqlen {self.calibration_seqlen} must be at least 2")
+
+    def prune_config(self):
+        from mlproject.compression.prune import PruneConfig
+
+        return PruneConfig(ratio=self.ratio, importance=self.importance, targets=self.targets,
+                           keep_layers=self.keep_layers)
+
+
+def _train_default(name: str) -> Any:
+    # Training defaults live once, on the training library's FinetuneConfig.
+    from mlproject.training.config import FinetuneConfig
+
+    return _field_default(FinetuneConfig, name)
+
+
+def _choices(name: str) -> tuple:
+    from mlproject.training import config as tc
+
+    return {"method": tc.METHODS, "adapter": tc.ADAPTERS, "chat_template": tc.CHAT_TEMPLATE_MODES}[name]
+
+
+@dataclass
+class FinetuneStepConfig(EvalOptions, ModelOptions, RunOptions):
+    """`finetune`: SFT or DPO (trl) with LoRA, QLoRA or full fine-tuning, optionally evaluated
+    before and after in the same run; the result is logged as the run's `model` artifact."""
+
+    # Redefined from ModelOptions / EvalOptions: in a fine-tune these names mean training settings.
+    adapter: str = param(_train_default("adapter"), "lora (LoRA on the base as loaded), qlora (LoRA on a "
+                         "4-bit NF4 base, bitsandbytes) or full (every weight trains)", choices=_choices("adapter"))
+    batch_size: int = param(_train_default("batch_size"), "training examples per device per forward pass "
+                            "(lm-eval's batch size is eval_batch_size)")
+    seed: int = param(_train_default("seed"), "random seed: LoRA init, data order, dropout, lm-eval sampling")
+
+    method: str = param(_train_default("method"), "sft (prompt/completion, messages, instruction/output or "
+                        "text rows) or dpo (prompt/chosen/rejected rows)", choices=_choices("method"))
+    dataset: str = param("auto", "training data: offline:<name> (bundled), a .jsonl/.json/.parquet/.csv file, "
+                         "a directory or a Hugging Face dataset id; auto = offline:<method>_mlp_nonce")
+    lora_r: int = param(_train_default("lora_r"), "LoRA rank")
+    lora_alpha: int = param(_train_default("lora_alpha"), "LoRA scale numerator (update scaled by alpha/r)")
+    lora_dropout: float = param(_train_default("lora_dropout"), "dropout on the LoRA input, in [0, 1)")
+    target_modules: str = param(_train_default("target_modules"), "modules that get LoRA: all-linear or a "
+                                "comma list such as q_proj,v_proj")
+    lr: float = param(_train_default("lr"), "peak learning rate (linear decay, no warm-up)")
+    epochs: float = param(_train_default("epochs"), "passes over the data (used when max_steps is -1)")
+    max_steps: int = param(_train_default("max_steps"), "optimizer steps; -1 = use epochs")
+    grad_accum: int = param(_train_default("grad_accum"), "forward passes per optimizer step")
+    max_length: int = param(_train_default("max_length"), "tokens per example (longer ones are truncated)")
+    beta: float = param(_train_default("beta"), "DPO temperature (dpo only)")
+    chat_template: str = param("off", "format rows with the tokenizer's chat template: off (plain prompt + "
+                               "completion, as lm-eval scores them), on, or auto (when the tokenizer has one)",
+                               choices=_choices("chat_template"))
+    merge: bool = param(_train_default("merge"), "log LoRA folded into the base as the `model` artifact "
+                        "(full weights; the adapter goes to `adapter`)")
+    resume: bool = param(_train_default("resume"), "continue from the last checkpoint in output_dir, "
+                         "into the MLflow run that wrote it")
+    output_dir: str = param("", "checkpoint folder (default: outputs/finetune/<model>-<hash of the "
+                            "training settings>); resume looks here")
+    save_steps: int = param(_train_default("save_steps"), "checkpoint every N optimizer steps (0 = none)")
+    gradient_checkpointing: bool = param(_train_default("gradient_checkpointing"),
+                                         "recompute activations in backward (less memory, slower)")
+    eval_before: bool = param(False, "evaluate the input model first (metrics before/<name>)")
+    eval_after: bool = param(True, "evaluate the fine-tuned model (plain metric names, and delta/<name> "
+                             "when eval_before is on)")
+    eval_batch_size: str = param(_field_default(EvalOptions, "batch_size"), "lm-eval batch size (an integer "
+                                 "or 'auto')")
+
+    def __post_init__(self):
+        coerce_fields(self)
+        self.eval_options()  # EvalOptions' own validation (tasks are checked by the step)
+        self.finetune_config(self.output_dir or "outputs/finetune")  # the training library's validation
+
+    @property
+    def dataset_spec(self) -> str:
+        return f"offline:{self.method}_mlp_nonce" if self.dataset.strip() in ("", "auto") else self.dataset.strip()
+
+    def eval_options(self) -> EvalOptions:
+        return EvalOptions(tasks=self.tasks, limit=self.limit, num_fewshot=self.num_fewshot,
+                           batch_size=self.eval_batch_size, ppl_dataset=self.ppl_dataset, seqlen=self.seqlen,
+                           ppl_batch_size=self.ppl_batch_size, seed=self.seed)
+
+    def finetune_config(self, output_dir: str):
+        from mlproject.training.config import FinetuneConfig
+
+        names = {f.name for f in dataclasses.fields(FinetuneConfig)}
+        values = {k: getattr(self, k) for k in names if hasattr(self, k) and k != "output_dir"}
+        return FinetuneConfig(output_dir=output_dir, **values)

@@ -141,6 +141,29 @@ class Run:
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i:i + 1000], synchronous=True)
 
+    def log_metric_steps(self, rows: "list[tuple[int, Mapping[str, float], int | None]]") -> None:
+        """Many steps' metrics (``(step, {name: value}, timestamp_ms or None)``) in one request per
+        1000 points: training curves are buffered by the caller and sent with this."""
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = []
+        for step, metrics, ts in rows:
+            for name, value in metrics.items():
+                try:
+                    v = float(value)
+                except (TypeError, ValueError):
+                    continue
+                items.append(Metric(metric_key(name), v, ts or now, int(step)))
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i:i + 1000], synchronous=True)
+
+    def delete_tag(self, key: str) -> None:
+        with contextlib.suppress(Exception):  # absent tag
+            self.client.delete_tag(self.run_id, key)
+
     # -- artifacts -------------------------------------------------------------------
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, redact(text), artifact_file)
@@ -182,11 +205,18 @@ def step_run(
     tags: Mapping[str, Any] | None = None,
     nested: bool = False,
     log_env: bool = True,
+    run_id: str | None = None,
 ) -> Iterator[Run]:
-    """Open (or attach to) the run for one step invocation and guarantee its final status."""
+    """Open (or attach to) the run for one step invocation and guarantee its final status.
+
+    ``run_id`` reopens an existing run (a resumed fine-tune continues its own run). Under
+    ``mlflow run`` the run MLflow created for this launch is then left with a tag
+    ``mlproject.continued_in`` pointing at the reopened run.
+    """
     import mlflow
 
-    attach_id = None if nested else os.environ.get("MLFLOW_RUN_ID")
+    launcher_id = None if nested else os.environ.get("MLFLOW_RUN_ID")
+    attach_id = run_id or launcher_id
     if attach_id:
         from mlflow.tracking import MlflowClient
 
@@ -196,6 +226,9 @@ def step_run(
         # mlflow run sets MLFLOW_RUN_ID for us; left in place it would override the parent
         # of any nested run we open later (mlflow#15713).
         os.environ.pop("MLFLOW_RUN_ID", None)
+        if launcher_id and launcher_id != attach_id:
+            with contextlib.suppress(Exception):
+                MlflowClient().set_tag(launcher_id, f"{TAG_PREFIX}continued_in", attach_id)
     else:
         if not nested and mlflow.active_run() is None:
             name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
@@ -272,6 +305,15 @@ def run_data(run_id: str) -> dict:
         raise UserError(f"run {run_id!r} not found: {str(exc).splitlines()[0]}") from None
     return {"tags": dict(run.data.tags), "params": dict(run.data.params),
             "metrics": dict(run.data.metrics), "status": run.info.status}
+
+
+def last_metric_step(run_id: str, key: str) -> int:
+    """Highest step logged for metric ``key`` on the run (0 when none): where a resumed
+    training's curve must continue so no step is recorded twice."""
+    from mlflow.tracking import MlflowClient
+
+    history = MlflowClient().get_metric_history(run_id, metric_key(key))
+    return max((int(m.step) for m in history), default=0)
 
 
 def check_model_uri(uri: str) -> None:

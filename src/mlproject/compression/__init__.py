@@ -5,11 +5,13 @@ transformers lazily, so importing this package is cheap.
 """
 
 from mlproject.compression.bnb import BNB_METHODS, bnb_config, disable_cpu_repacking, model_size_mb
-from mlproject.compression.prune import PruneConfig, PruneReport, load_pruned_model, prune_model
-from mlproject.compression.rtn import RTNConfig, RTNReport, quantize_model, quantize_tensor
+from mlproject.compression.prune import (
+    PruneConfig, PrunePlan, PruneReport, check_plan, load_pruned_model, prune_model,
+)
+from mlproject.compression.rtn import RTNConfig, RTNReport, check_layers, quantize_model, quantize_tensor
 
 __all__ = [
     "BNB_METHODS", "bnb_config", "disable_cpu_repacking", "model_size_mb",
-    "PruneConfig", "PruneReport", "load_pruned_model", "prune_model",
-    "RTNConfig", "RTNReport", "quantize_model", "quantize_tensor",
+    "PruneConfig", "PrunePlan", "PruneReport", "check_plan", "load_pruned_model", "prune_model",
+    "RTNConfig", "RTNReport", "check_layers", "quantize_model", "quantize_tensor",
 ]

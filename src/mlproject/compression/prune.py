@@ -339,6 +339,46 @@ def _apply_sizes_to_config(config, sizes: list[dict[str, int]], pruned: list[int
     return uniform
 
 
+@dataclass
+class PrunePlan:
+    """What :func:`prune_model` will remove, decided from the model's shapes alone."""
+
+    pruned_layers: list[int]
+    channels: int
+    """MLP channels removed from each pruned layer."""
+    kv_groups: int
+    """KV groups removed from each pruned layer."""
+    intermediate_size: int
+    kv_heads: int
+    head_dim: int
+    params_before: int
+    params_after: int
+
+
+def check_plan(model, cfg: PruneConfig) -> PrunePlan:
+    """Check the architecture, the layers and that ``cfg.ratio`` is reachable; plan the removal.
+
+    Reads only shapes and dtypes, so it also works on a meta-device model built from a config
+    (a step checks its settings this way before any weight is loaded). Raises ``UserError``.
+    """
+    _check_model(model)
+    layers = _layers(model)
+    n = len(layers)
+    if 2 * cfg.keep_layers >= n:
+        raise UserError(f"keep_layers={cfg.keep_layers} keeps all {n} decoder layers; nothing left to prune")
+    pruned = list(range(cfg.keep_layers, n - cfg.keep_layers))
+    shapes = {(layers[i].mlp.down_proj.in_features, *_attn_shape(layers[i]), _channel_cost(layers[i]),
+               _group_cost(layers[i])) for i in pruned}
+    if len(shapes) != 1:
+        raise UserError("layers to prune differ in size (already pruned non-uniformly?); prune the original model")
+    inter, kv, _rep, head_dim, c_cost, g_cost = shapes.pop()
+    before = count_params(model)
+    c, g = _plan(cfg, before, len(pruned), inter, kv, c_cost, g_cost)
+    return PrunePlan(pruned_layers=pruned, channels=c, kv_groups=g, intermediate_size=inter, kv_heads=kv,
+                     head_dim=head_dim, params_before=before,
+                     params_after=before - len(pruned) * (c * c_cost + g * g_cost))
+
+
 def prune_model(model, cfg: PruneConfig, calibration_ids=None, batch_size: int = 8) -> PruneReport:
     """Structured-prune ``model`` in place to remove ``cfg.ratio`` of its parameters.
 
@@ -351,25 +391,17 @@ def prune_model(model, cfg: PruneConfig, calibration_ids=None, batch_size: int =
     """
     import torch
 
-    _check_model(model)
-    layers = _layers(model)
-    n = len(layers)
-    if 2 * cfg.keep_layers >= n:
-        raise UserError(f"keep_layers={cfg.keep_layers} keeps all {n} decoder layers; nothing left to prune")
-    pruned = list(range(cfg.keep_layers, n - cfg.keep_layers))
+    plan = check_plan(model, cfg)
     if cfg.importance == "activation":
         if calibration_ids is None or calibration_ids.numel() == 0:
             raise UserError("importance=activation needs calibration token ids")
         if calibration_ids.dim() != 2:
             raise UserError(f"calibration_ids must be [n_sequences, seq_len], got {tuple(calibration_ids.shape)}")
-
-    shapes = {(layers[i].mlp.down_proj.in_features, *_attn_shape(layers[i]), _channel_cost(layers[i]),
-               _group_cost(layers[i])) for i in pruned}
-    if len(shapes) != 1:
-        raise UserError("layers to prune differ in size (already pruned non-uniformly?); prune the original model")
-    inter, kv, _rep, head_dim, c_cost, g_cost = shapes.pop()
-    before = count_params(model)
-    c, g = _plan(cfg, before, len(pruned), inter, kv, c_cost, g_cost)
+    layers = _layers(model)
+    n = len(layers)
+    pruned, c, g = plan.pruned_layers, plan.channels, plan.kv_groups
+    inter, kv, head_dim = plan.intermediate_size, plan.kv_heads, plan.head_dim
+    before = plan.params_before
     log.info("pruning %d of %d layers: -%d MLP channels (of %d), -%d KV groups (of %d) each",
              len(pruned), n, c, inter, g, kv)
 

@@ -192,19 +192,18 @@ def select_linears(model, cfg: RTNConfig) -> list[tuple[str, object]]:
     return chosen
 
 
-def quantize_model(model, cfg: RTNConfig) -> RTNReport:
-    """Simulated RTN quantization of ``model`` in place, layer by layer; returns a report.
+def check_layers(model, cfg: RTNConfig) -> list[tuple[str, object]]:
+    """The layers ``quantize_model`` would quantize, after checking each one (float weight,
+    ``group_size`` divides ``in_features``); raises ``UserError`` naming the first bad layer.
 
-    Every selected layer is checked (float weight, group size divides ``in_features``) before
-    any weight changes, so a bad setting fails fast and leaves the model untouched.
+    Reads only shapes and dtypes, so it also works on a meta-device model built from a config
+    (a step checks its settings this way before any weight is loaded).
     """
-    import torch
-
-    from mlproject.compression.bnb import model_size_mb
-
     chosen = select_linears(model, cfg)
     if not chosen:
-        raise UserError(f"modules={cfg.modules!r} matched no nn.Linear layer in the model")
+        arch = getattr(getattr(model, "config", None), "model_type", None)
+        raise UserError(f"modules={cfg.modules!r} matched no nn.Linear layer in the model"
+                        + (f" (architecture {arch!r})" if arch else ""))
     for name, mod in chosen:
         if not mod.weight.dtype.is_floating_point:
             raise UserError(
@@ -217,7 +216,20 @@ def quantize_model(model, cfg: RTNConfig) -> RTNReport:
                 f"group_size={g} does not divide in_features={in_f} of {name}"
                 f"{_divisors_hint(in_f, g)}; pick a divisor or granularity=per_channel"
             )
+    return chosen
 
+
+def quantize_model(model, cfg: RTNConfig) -> RTNReport:
+    """Simulated RTN quantization of ``model`` in place, layer by layer; returns a report.
+
+    Every selected layer is checked (float weight, group size divides ``in_features``) before
+    any weight changes, so a bad setting fails fast and leaves the model untouched.
+    """
+    import torch
+
+    from mlproject.compression.bnb import model_size_mb
+
+    chosen = check_layers(model, cfg)
     original_mb = model_size_mb(model)
     n_params = 0
     stored_bits = 0.0

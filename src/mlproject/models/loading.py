@@ -87,12 +87,17 @@ def gguf_path(package: str, filename: str) -> Path:
     return path
 
 
+def _converted_path(ref: ModelRef) -> Path:
+    src = gguf_path(*ref.gguf)
+    return cache_root() / "models" / f"{ref.alias}-{src.stat().st_size}"
+
+
 def converted_gguf_dir(ref: ModelRef) -> Path:
     """Dequantize the GGUF once into a normal Hugging Face directory and reuse it."""
     from filelock import FileLock
 
     src = gguf_path(*ref.gguf)
-    out = cache_root() / "models" / f"{ref.alias}-{src.stat().st_size}"
+    out = _converted_path(ref)
     if (out / "config.json").is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -168,6 +173,12 @@ def load_model(
             "base_model_name_or_path")
         if not base_ref:
             raise UserError(f"adapter {ref.raw!r} does not say which base model it applies to")
+        if meta.get("quantization") == "nf4" and quantization_config is None:
+            # A QLoRA adapter was trained on the NF4-quantized base: re-quantize it the same way
+            # (deterministic), or the adapter would sit on weights it never saw.
+            from mlproject.training.adapters import qlora_quantization_config
+
+            quantization_config = qlora_quantization_config()
         base = load_model(resolve(base_ref), dtype=dtype, device=device, fetch=fetch,
                           quantization_config=quantization_config,
                           trust_remote_code=trust_remote_code)
@@ -251,6 +262,46 @@ def _is_nonuniform_pruned(local: Path) -> bool:
 
 def _has_4bit_layers(model) -> bool:
     return any(type(m).__name__ == "Linear4bit" for m in model.modules())
+
+
+def peek_config(ref: ModelRef, fetch: Fetch | None = None):
+    """The model's transformers config without touching weights, or None where that is not cheap.
+
+    Read from a local directory, an already-converted GGUF alias, the local Hugging Face cache
+    (or the hub when it is reachable), or just ``config.json`` of a ``runs:/`` artifact (via
+    ``fetch``). Steps use it to reject impossible settings before a run starts; None means
+    "check after loading instead" (registry models, adapter-only artifacts, unconverted GGUF).
+    """
+    from transformers import AutoConfig
+
+    try:
+        if ref.kind == "local":
+            src: str | Path = ref.target
+        elif ref.gguf:
+            src = _converted_path(ref)
+            if not (src / "config.json").is_file():
+                return None
+        elif ref.kind == "run" and fetch is not None:
+            src = Path(fetch(ref.target.rstrip("/") + "/config.json")).parent
+        elif ref.kind in ("hub", "alias"):
+            src = ref.target
+        else:
+            return None
+        if ref.kind == "local" and not (Path(src) / "config.json").is_file():
+            return None  # an adapter directory: its base decides
+        return AutoConfig.from_pretrained(str(src))
+    except (OSError, ValueError, KeyError, UserError) as exc:
+        log.debug("no cheap config for %s: %s", ref.raw, exc)
+        return None
+
+
+def meta_model(config):
+    """A weightless (meta-device) model built from `config`: shapes and dtypes, no memory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 def count_params(model) -> int:

@@ -108,9 +108,12 @@ def measure(loaded: loading.LoadedModel, plan: EvalPlan,
     return out
 
 
-def evaluate_loaded(loaded: loading.LoadedModel, plan: EvalPlan, run: tracking.Run, prefix: str = "") -> EvalOutcome:
-    """measure() and log the result on `run`, metric names prefixed (e.g. 'before/')."""
-    out = measure(loaded, plan, lambda metrics: run.log_metrics({prefix + k: v for k, v in metrics.items()}))
+def evaluate_loaded(loaded: loading.LoadedModel, plan: EvalPlan, run: tracking.Run, prefix: str = "",
+                    step: int = 0) -> EvalOutcome:
+    """measure() and log the result on `run`, metric names prefixed (e.g. 'before/'), at `step`
+    (finetune logs the trained model's scores at its optimizer step)."""
+    out = measure(loaded, plan,
+                  lambda metrics: run.log_metrics({prefix + k: v for k, v in metrics.items()}, step=step))
     run.log_params({prefix + k: v for k, v in out.ppl_params.items()})
     if out.harness is not None:
         run.log_dict(out.harness.raw, f"lm_eval/{prefix.strip('/') or 'results'}{'_results' if prefix else ''}.json")
