@@ -1,0 +1,223 @@
+"""``build(client_or_uri, spec) -> CompareResult``: query, compute the views, write outputs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import pandas as pd
+
+from mlproject.compare import tables as T
+from mlproject.compare.directions import Directions
+from mlproject.compare.query import RunSet
+from mlproject.compare.spec import CompareSpec
+from mlproject.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompareResult:
+    """Everything a compare produced. ``tables`` (unrounded, tidy enough for CSV):
+
+    summary, summary_tasks: compress-recover view (one row per run; one per run × task).
+    versus, versus_summary: baseline vs each candidate (one row per candidate × metric).
+    ranking, ranking_delta, ranking_lists: medals per benchmark and metric; deltas and
+        speedups against the baseline; categories ("better on every metric", …).
+    pareto: mean accuracy vs PPL / size with Pareto-front flags.
+    A table is absent when its view was not asked for or had nothing to show.
+    """
+
+    spec: CompareSpec
+    runset: RunSet
+    tables: dict[str, pd.DataFrame]
+    scores: T.Scores
+    directions: Directions
+    baseline: T.Baseline | None = None
+    notes: list[str] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+
+    @cached_property
+    def tidy(self) -> pd.DataFrame:
+        """One row per (run, metric) with lineage columns (in-scope and lineage runs)."""
+        return self.runset.tidy()
+
+    def markdown(self, max_rows: int | None = None) -> str:
+        from mlproject.compare import render
+
+        return render.markdown(self, max_rows=max_rows)
+
+    def html(self, images: dict[str, bytes] | None = None) -> str:
+        from mlproject.compare import render
+
+        return render.html(self, images=images)
+
+    def write(self, out_dir, formats=None) -> list[Path]:
+        """Write the requested formats (default: the spec's) under ``out_dir``; return paths.
+
+        md → compare.md; csv → tidy.csv + <table>.csv; json → compare.json (spec, runs,
+        tidy metrics, every table); html → compare.html (plots embedded); png → plots.
+        """
+        from mlproject.compare import render
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        fmts = CompareSpec(formats=formats).formats if formats else self.spec.formats
+        paths: list[Path] = []
+        images: dict[str, bytes] = {}
+        if "png" in fmts or "html" in fmts:
+            images = render.plots(self)
+        if "png" in fmts:
+            for name, data in images.items():
+                p = out / name
+                p.write_bytes(data)
+                paths.append(p)
+        if "md" in fmts:
+            p = out / "compare.md"
+            p.write_text(render.markdown(self, images=list(images) if "png" in fmts else None),
+                         encoding="utf-8")
+            paths.append(p)
+        if "html" in fmts:
+            p = out / "compare.html"
+            p.write_text(render.html(self, images=images), encoding="utf-8")
+            paths.append(p)
+        if "csv" in fmts:
+            p = out / "tidy.csv"
+            self.tidy.to_csv(p, index=False)
+            paths.append(p)
+            for name, df in self.tables.items():
+                p = out / f"{name}.csv"
+                _flat(df).to_csv(p, index=False)
+                paths.append(p)
+        if "json" in fmts:
+            p = out / "compare.json"
+            p.write_text(self.to_json(), encoding="utf-8")
+            paths.append(p)
+        return paths
+
+    def to_json(self) -> str:
+        runs = self.runset.runs.reset_index()
+        head = {
+            "spec": {k: (list(v) if isinstance(v, tuple) else v)
+                     for k, v in asdict(self.spec).items()},
+            "baseline": None if self.baseline is None else {
+                "text": self.baseline.text, "mode": self.baseline.mode,
+                "label": self.baseline.label, "run_ids": self.baseline.run_ids},
+            "notes": self.notes,
+            "stats": self.stats,
+        }
+        parts = [json.dumps(head)[:-1],
+                 ', "runs": ' + runs.to_json(orient="records"),
+                 ', "metrics": ' + self.tidy[["run_id", "metric", "value"]].to_json(
+                     orient="records"),
+                 ', "tables": {']
+        parts.append(", ".join(f"{json.dumps(k)}: {_flat(v).to_json(orient='records')}"
+                               for k, v in self.tables.items()))
+        parts.append("}}")
+        return "".join(parts)
+
+
+def _flat(df: pd.DataFrame) -> pd.DataFrame:
+    """Lists → '; '-joined strings (CSV/JSON friendly)."""
+    out = df.copy()
+    for c in out.columns:
+        if out[c].dtype == object and out[c].map(lambda v: isinstance(v, list)).any():
+            out[c] = out[c].map(lambda v: "; ".join(map(str, v)) if isinstance(v, list) else v)
+    return out
+
+
+def compute(runset: RunSet, spec: CompareSpec) -> CompareResult:
+    """All views from a RunSet (pure pandas; no tracking server)."""
+    runs, metrics = runset.runs, runset.metrics
+    d = Directions(spec.directions)
+    notes: list[str] = []
+    scores = T.task_scores(runs, metrics)
+    lin = T.lineage(runs)
+    selected = T.select_metrics(spec.metrics, metrics.columns, scores) if spec.metrics else None
+    base = T.resolve_baseline(spec.baseline, runs, runset.order) if spec.baseline else None
+    scope = runs.index[runs["in_scope"].astype(bool)]
+    if base is None and "versus" in spec.view:
+        if len(scope) == 2:
+            first = next((r for r in runset.order if r in scope), None)
+            if first is None:
+                first = runs.loc[scope].sort_values("start_time", na_position="first").index[0]
+            base = T.resolve_baseline(f"id:{first}", runs)
+        elif spec.view == ("versus",):
+            raise UserError(f"view=versus needs baseline=… (or exactly two runs; got "
+                            f"{len(scope)})")
+        else:
+            notes.append("versus view skipped: give baseline=<run id | name:… | role:…> "
+                         "(or compare exactly two runs)")
+    if base is not None:
+        notes.extend(base.notes)
+
+    tables: dict[str, pd.DataFrame] = {}
+    if "summary" in spec.view:
+        summ, per_task = T.summary(runs, metrics, scores, lin)
+        before_cols = [c for c in summ.columns if "before" in c]
+        has_before = summ[before_cols].notna().any().any() or per_task["before"].notna().any()
+        if has_before or spec.view == ("summary",):
+            tables["summary"], tables["summary_tasks"] = summ, per_task
+        else:
+            notes.append("summary view skipped: no run has a \"before\" evaluation (no "
+                         "`before/` metrics, no upstream run with metrics); use view=summary "
+                         "to show it anyway")
+    if "versus" in spec.view and base is not None:
+        vs = T.versus(runs, metrics, scores, base, d, selected)
+        tables["versus"] = vs
+        tables["versus_summary"] = T.versus_summary(vs)
+    if "ranking" in spec.view:
+        keys = selected or T.default_ranking_metrics(metrics.columns, scores, d)
+        rk = T.ranking(runs, metrics, keys, d)
+        tables["ranking"] = rk
+        unknown = sorted({k for k in keys if d(k) is None})
+        if unknown:
+            notes.append("direction unknown (no medals): " + ", ".join(unknown)
+                         + " — pass directions=<metric>=min|max")
+        if base is not None:
+            delta = T.ranking_delta(rk, runs, metrics, base, d)
+            tables["ranking_delta"] = delta
+            tables["ranking_lists"] = T.ranking_lists(delta)
+    tables["pareto"] = T.pareto_table(runs, metrics, scores)
+    if not len(scope):
+        notes.append("no runs matched")
+    return CompareResult(spec=spec, runset=runset, tables=tables, scores=scores, directions=d,
+                         baseline=base, notes=notes)
+
+
+def build(client_or_uri, spec: CompareSpec, *, exclude_run_ids=()) -> CompareResult:
+    """Query the tracking server and compute every requested view.
+
+    client_or_uri: an ``MlflowClient``, a tracking URI, or None (MLflow's environment).
+    exclude_run_ids: runs to leave out (the compare step passes its own run id); runs
+    tagged ``mlproject.step=compare`` are always left out.
+    Raises UserError for bad input (unknown experiment or run, baseline matching nothing,
+    a metric matching nothing, an invalid filter).
+    """
+    from mlproject.compare import query
+
+    if not spec.experiments and not spec.runs:
+        raise UserError("nothing to compare: pass experiment=<name>[,<name>…] or "
+                        "runs=<run id>,<run id>…")
+    t0 = time.perf_counter()
+    runset = query.fetch_runs(client_or_uri, spec.experiments, spec.runs, spec.filter,
+                              page_size=spec.page_size, parallel=spec.parallel,
+                              exclude_run_ids=exclude_run_ids)
+    t1 = time.perf_counter()
+    result = compute(runset, spec)
+    t2 = time.perf_counter()
+    result.stats = {
+        "runs": int(runset.runs["in_scope"].sum()),
+        "lineage_runs": int((~runset.runs["in_scope"].astype(bool)).sum()),
+        "metrics": int(runset.metrics.shape[1]),
+        "requests": runset.requests,
+        "query_s": round(t1 - t0, 3),
+        "tables_s": round(t2 - t1, 3),
+    }
+    log.info("compare: %(runs)d runs, %(requests)d requests, query %(query_s)ss, "
+             "tables %(tables_s)ss", result.stats)
+    return result

@@ -1,0 +1,94 @@
+"""What to compare (``CompareSpec``), validated up front. Imports nothing heavy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mlproject.errors import UserError
+
+VIEWS = ("summary", "versus", "ranking")
+FORMATS = ("md", "csv", "json", "html", "png")
+
+
+def split_list(value) -> tuple[str, ...]:
+    """``"a, b,,c"`` → ``("a", "b", "c")``; lists/tuples pass through (stripped)."""
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return tuple(s for s in (str(x).strip() for x in items) if s)
+
+
+@dataclass
+class CompareSpec:
+    """Parameters of the compare entry point (MLproject names in brackets).
+
+    experiments [experiment]: experiment names or ids; comma-separated in MLproject.
+    runs [runs]: run ids compared in addition to (or instead of) whole experiments; their
+        order matters for ``view=versus`` without a baseline (first = baseline).
+    filter [filter]: an MLflow search filter applied within the experiments, e.g.
+        ``tags.`mlproject.role` != 'best_ppl'`` or ``metrics.avg_acc > 0.5``.
+    baseline [baseline]: ``<run id>``, ``id:<id>``, ``name:<run name>``, a bare run name,
+        ``role:<role>`` (the run with that role in each model family), or several joined by
+        ``|`` (per metric the best of them). Empty: versus needs exactly two runs.
+    view [view]: summary | versus | ranking | all (comma-separated subsets allowed).
+    metrics [metrics]: restrict versus / ranking to these metrics: full keys (``mbpp/avg_time``),
+        leaves (``pass@1`` matches ``*/pass_at_1``), task names (their headline score) or
+        prefixes (``ppl``). Empty: task scores, ``avg_acc``, ``ppl/*`` and directed metrics.
+    directions [directions]: overrides such as ``avg_time=min,novelty=max``.
+    formats [format]: any of md, csv, json, html, png.
+    max_rows: rows per table (and versus sections) shown in Markdown/HTML; CSV/JSON are full.
+    page_size: runs per ``runs/search`` page (the server allows at most 50,000).
+    parallel: page requests in flight at once after the first page (1 = one by one).
+    """
+
+    experiments: tuple[str, ...] = ()
+    runs: tuple[str, ...] = ()
+    filter: str = ""
+    baseline: str = ""
+    view: tuple[str, ...] = ("all",)
+    metrics: tuple[str, ...] = ()
+    directions: dict[str, str] = field(default_factory=dict)
+    formats: tuple[str, ...] = FORMATS
+    max_rows: int = 200
+    page_size: int = 2_500
+    parallel: int = 4
+    title: str = ""
+
+    def __post_init__(self):
+        from mlproject.compare.directions import parse_overrides
+
+        self.experiments = split_list(self.experiments)
+        self.runs = split_list(self.runs)
+        self.metrics = split_list(self.metrics)
+        self.filter = (self.filter or "").strip()
+        self.baseline = (self.baseline or "").strip()
+        views = split_list(self.view) or ("all",)
+        for v in views:
+            if v not in (*VIEWS, "all"):
+                raise UserError(f"unknown view {v!r}: choose from {', '.join(VIEWS)}, all")
+        self.view = VIEWS if "all" in views else tuple(v for v in VIEWS if v in views)
+        self.formats = split_list(self.formats) or FORMATS
+        for f in self.formats:
+            if f.lower() not in FORMATS:
+                raise UserError(f"unknown format {f!r}: choose from {', '.join(FORMATS)}")
+        self.formats = tuple(dict.fromkeys(f.lower() for f in self.formats))
+        self.directions = parse_overrides(self.directions)
+        if self.max_rows < 1:
+            raise UserError(f"max_rows must be positive, got {self.max_rows}")
+        if not 1 <= self.page_size <= 50_000:
+            raise UserError(f"page_size must be within 1..50000, got {self.page_size}")
+        if not 1 <= self.parallel <= 32:
+            raise UserError(f"parallel must be within 1..32, got {self.parallel}")
+
+    @classmethod
+    def from_params(cls, experiment: str = "", runs: str = "", filter: str = "",  # noqa: A002
+                    baseline: str = "", view: str = "all", metrics: str = "",
+                    directions: str = "", format: str = "md,csv,json,html,png",  # noqa: A002
+                    **extra) -> CompareSpec:
+        """From the MLproject parameter names (all strings, comma-separated lists)."""
+        return cls(experiments=experiment, runs=runs, filter=filter, baseline=baseline,
+                   view=view, metrics=metrics, directions=directions, formats=format, **extra)
+
+    @property
+    def all_views(self) -> bool:
+        return set(self.view) == set(VIEWS)
