@@ -316,6 +316,12 @@ def last_metric_step(run_id: str, key: str) -> int:
     return max((int(m.step) for m in history), default=0)
 
 
+def experiment_name(experiment_id: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient().get_experiment(experiment_id).name
+
+
 def check_model_uri(uri: str) -> None:
     """Cheap existence check of a runs:/ or models:/ reference, before any run starts."""
     from mlflow.exceptions import MlflowException
