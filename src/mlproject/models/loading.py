@@ -305,7 +305,15 @@ def meta_model(config):
 
 
 def count_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters the model stands for, tied weights once. A bitsandbytes 4-bit weight packs two
+    values per stored byte; its logical shape is in its quant_state."""
+    import math
+
+    total = 0
+    for p in model.parameters():
+        shape = getattr(getattr(p, "quant_state", None), "shape", None)
+        total += math.prod(shape) if shape is not None else p.numel()
+    return total
 
 
 def save_model_dir(loaded_model, tokenizer, out_dir: Path, **meta) -> Path:

@@ -1,0 +1,152 @@
+"""`prune`: structured pruning to a target fraction of parameters, logged as the run's `model`,
+then evaluated.
+
+The library (``compression.prune``) removes whole MLP channels and/or KV head groups from
+Llama / Mistral / Qwen2 decoders, so the model and its checkpoint really shrink. Other
+architectures are refused before the run starts whenever the input's config can be read
+cheaply (local dir, converted alias, hub cache, a run's config.json), else right after loading.
+
+Calibration (``importance=activation`` only): ``calibration_samples`` windows of
+``calibration_seqlen`` tokens (default 8 × 256 = 2,048 tokens, the amount Wanda-style scores
+settle with on small models) at seeded random offsets of the calibration text; the text is
+tokenized once. With the default ``calibration=offline`` the text is the bundled PPL text, so
+the report flags that calibration and PPL overlap.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from mlproject import tracking
+from mlproject.compression import prune as prune_lib
+from mlproject.config import PruneStepConfig
+from mlproject.errors import UserError
+from mlproject.models import loading
+from mlproject.models.reference import resolve
+from mlproject.report import md_table
+from mlproject.steps import _compression as shared
+from mlproject.steps import common
+from mlproject.steps._compression import CompressResult
+from mlproject.steps.evaluate import plan_eval
+
+log = logging.getLogger(__name__)
+
+T = tracking.TAG_PREFIX
+MB = 2**20
+
+
+def calibration_ids(tokenizer, text: str, samples: int, seqlen: int, seed: int):
+    """[n, seqlen] token windows at seeded random offsets (GPTQ/Wanda style); fewer, or one
+    shorter window, when the text is short."""
+    import torch
+
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    if ids.numel() < 2:
+        raise UserError("the calibration text has fewer than 2 tokens")
+    if ids.numel() <= seqlen:
+        return ids[None, :]
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen + 1, (samples,), generator=gen)
+    return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+
+
+def run(cfg: PruneStepConfig) -> CompressResult:
+    # Everything cheap first: a bad value fails here, before a run or weights exist.
+    ref = resolve(cfg.model)
+    if cfg.adapter:
+        loading.resolve_adapter(cfg.adapter)
+    plan = plan_eval(cfg)
+    device = loading.pick_device(cfg.device)
+    torch_dtype = loading.pick_dtype(cfg.dtype, device)
+    pcfg = cfg.prune_config()
+    activation = cfg.importance == "activation"
+    tracking.check_server(cfg.tracking_uri or None)
+    common.check_remote_refs(ref, cfg.adapter)
+    config = shared.peek_config(ref, "prune")
+    if config is not None:
+        meta = shared.meta_model(config)
+        if meta is not None and not getattr(config, "pruned_layer_sizes", None):
+            # architecture, layer shapes and whether the ratio is reachable, without weights
+            prune_lib.check_plan(meta, pcfg)
+        elif getattr(config, "model_type", None) not in prune_lib.SUPPORTED_ARCHS:
+            raise UserError(f"structured pruning does not support architecture {config.model_type!r}; "
+                            f"supported: {', '.join(prune_lib.SUPPORTED_ARCHS)}")
+
+    calib = {"calibration": cfg.calibration, "calibration_samples": cfg.calibration_samples,
+             "calibration_seqlen": cfg.calibration_seqlen} if activation else {"calibration": "none"}
+    params = {"model": cfg.model, "adapter": cfg.adapter or "none", "dtype": cfg.dtype, "device": device,
+              "ratio": cfg.ratio, "importance": cfg.importance, "targets": cfg.targets,
+              "keep_layers": cfg.keep_layers, **calib, "evaluate": str(cfg.evaluate).lower(), **plan.params()}
+    key = common.cache_key(step="prune", **params)
+    with tracking.step_run(
+        "prune", experiment=cfg.experiment or None,
+        run_name=cfg.run_name or f"prune:{ref.label}:{cfg.targets}-{cfg.ratio:g}-{cfg.importance}",
+        tags={f"{T}cache_key": key},
+    ) as run:
+        run.log_params(params)
+        common.reset_peak_memory()
+        start = time.perf_counter()
+        loaded = shared.load_input(ref, dtype=cfg.dtype, device=device, adapter=cfg.adapter)
+        load_seconds = time.perf_counter() - start
+        size_before = _size_mb(loaded.model)
+        ids = None
+        if activation:
+            from mlproject.evaluation.perplexity import load_text
+
+            ids = calibration_ids(loaded.tokenizer, load_text(cfg.calibration), cfg.calibration_samples,
+                                  cfg.calibration_seqlen, cfg.seed)
+            # (a key containing "token" would be redacted as a secret by tracking)
+            run.log_params({"calibration.sequences": ids.shape[0], "calibration.seqlen": ids.shape[1]})
+        start = time.perf_counter()
+        rep = prune_lib.prune_model(loaded.model, pcfg, calibration_ids=ids)
+        prune_seconds = time.perf_counter() - start
+        run.set_tags(common.lineage_tags(ref, loaded, role="pruned"))
+        run.log_params({"resolved_model": loaded.ref.target, "uniform": rep.uniform,
+                        "pruned_layers": f"{rep.pruned_layers[0]}-{rep.pruned_layers[-1]}"
+                        if rep.pruned_layers else "none"})
+        metrics = {"params_b_before": rep.params_before / 1e9, "params_b": rep.params_after / 1e9,
+                   "achieved_ratio": rep.achieved_ratio, "prune_seconds": prune_seconds,
+                   "load_seconds": load_seconds, "model_size_mb_before": size_before,
+                   "model_size_mb": _size_mb(loaded.model),
+                   "prune/channels_removed": rep.channels_removed,
+                   "prune/kv_groups_removed": rep.kv_groups_removed}
+        model_uri = shared.log_model(run, loaded, ref)
+
+        first = rep.layer_sizes[rep.pruned_layers[0]] if rep.pruned_layers else {}
+        body = [
+            f"**Structured pruning**, target ratio {cfg.ratio:g} of all parameters, achieved "
+            f"**{rep.achieved_ratio:.4f}** ({rep.params_before:,} → {rep.params_after:,} parameters). "
+            f"importance={cfg.importance}, targets={cfg.targets}; each of the {len(rep.pruned_layers)} pruned "
+            f"decoder layers lost {rep.channels_removed} MLP channels and {rep.kv_groups_removed} KV groups "
+            f"(now intermediate_size {first.get('intermediate_size')}, {first.get('num_attention_heads')} "
+            f"query / {first.get('num_key_value_heads')} KV heads).",
+            md_table(["", "before", "after"], [
+                ("params_b", rep.params_before / 1e9, rep.params_after / 1e9),
+                ("model_size_mb", size_before, metrics["model_size_mb"]),
+            ]),
+            f"Pruned in {prune_seconds:.2f} s; the model is logged as `{model_uri}`"
+            + ("." if rep.uniform else
+               f" (non-uniform sizes: first/last {cfg.keep_layers} layers kept; mlproject's loader reloads it)."),
+        ]
+        if activation:
+            body.append(f"Calibration: {ids.shape[0]} × {ids.shape[1]} tokens of `{cfg.calibration}` at random "
+                        f"offsets (seed {cfg.seed}).")
+            if cfg.calibration == cfg.ppl_dataset and cfg.evaluate:
+                body.append("Note: the calibration text is also the PPL text, so the PPL is slightly optimistic.")
+        report_params = {"model": cfg.model, "method": "structured pruning", "ratio": cfg.ratio,
+                         "importance": cfg.importance, "targets": cfg.targets, "keep_layers": cfg.keep_layers,
+                         "dtype": str(torch_dtype).removeprefix("torch."), "device": device, "seed": cfg.seed,
+                         "calibration": (f"{cfg.calibration} ({ids.shape[0]} × {ids.shape[1]} tokens)"
+                                         if activation else "N/A (magnitude)")}
+        return shared.finish(
+            run, step="prune", title=f"prune: {ref.label} {cfg.targets} {cfg.ratio:g}", loaded=loaded, plan=plan,
+            evaluate=cfg.evaluate, report_params=report_params, metrics=metrics,
+            section=("Pruning", "\n\n".join(body)), model_uri=model_uri,
+        )
+
+
+def _size_mb(model) -> float:
+    from mlproject.compression.bnb import model_size_mb
+
+    return model_size_mb(model)
