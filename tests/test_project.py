@@ -59,7 +59,9 @@ def test_mlflow_run_evaluate_from_a_tmpfs_copy(mlflow_uri, tiny_dirs, ppl_text_f
             shutil.copy2(ROOT / f, clone / f)
         bindir = Path(sys.executable).parent
         env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "PATH": f"{bindir}:{os.environ['PATH']}"}
-        env.pop("MLFLOW_RUN_ID", None)
+        # mlflow.set_experiment in earlier in-process tests exports MLFLOW_EXPERIMENT_ID
+        for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+            env.pop(var, None)
         cmd = [str(bindir / "mlflow"), "run", ".", "-e", "evaluate", "--env-manager", "local",
                "--experiment-name", "mlflow-run-e2e",
                "-P", f"model={tiny_dirs['qwen2']}", "-P", "tasks=mlp_capitals", "-P", "limit=4",

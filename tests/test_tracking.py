@@ -23,8 +23,10 @@ def test_redact_removes_credentials(raw, secret):
 
 
 def test_secret_named_params_are_hidden():
-    cleaned = tracking.clean_mapping({"hf_token": "abc", "api_key": "xyz", "lr": 0.1, "empty_token": ""}, 100)
-    assert cleaned == {"hf_token": "***", "api_key": "***", "lr": "0.1", "empty_token": ""}
+    cleaned = tracking.clean_mapping({"hf_token": "abc", "api_key": "xyz", "lr": 0.1, "empty_token": "",
+                                      "ppl.tokens": 24000, "db_password": "pw"}, 100)
+    assert cleaned == {"hf_token": "***", "api_key": "***", "lr": "0.1", "empty_token": "",
+                       "ppl.tokens": "24000", "db_password": "***"}
 
 
 def test_metric_names_are_made_legal():

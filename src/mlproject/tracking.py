@@ -33,7 +33,8 @@ DEFAULT_EXPERIMENT = "mlproject"
 _MAX_PARAM_LEN = 6000
 _MAX_TAG_LEN = 8000
 
-_SECRET_KEY = re.compile(r"(token|passw|secret|api[_-]?key|credential|auth)", re.I)
+# "hf_token", "api_key", "db_password" hide their value; counts like "ppl.tokens" stay visible.
+_SECRET_KEY = re.compile(r"(token(?![a-z])|passw|secret|api[_-]?key|credential|auth(?![a-z]))", re.I)
 _URI_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][\w+.\-]*://)(?P<userinfo>[^/@\s]+)@")
 _TOKEN_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{16,}|sk-[A-Za-z0-9\-_]{16,}|ghp_[A-Za-z0-9]{16,}|AKIA[0-9A-Z]{16})\b")
 _QUERY_SECRET = re.compile(r"([?&](?:[\w\-]*(?:token|password|secret|key|signature|credential)|sig)=)[^&\s]+", re.I)
