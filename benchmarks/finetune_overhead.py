@@ -93,10 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = loading.local_source(ref, None) or ref.target  # converts the GGUF once
     data_file = Path(resolve_spec(args.dataset)[1]["data_files"])
     root = Path(tempfile.mkdtemp(prefix="bench-finetune-"))
+    from mlflow.tracking import MlflowClient
+
+    # Artifacts beside the store, not in ./mlruns of whatever the working directory is.
+    MlflowClient(f"sqlite:///{root}/mlflow.db").create_experiment("bench", artifact_location=str(root / "artifacts"))
     # Warm both paths once (imports, the SQLite schema, datasets' cache) before timing.
-    print("warm-up", flush=True)
-    step(args.model, data_file, args, root, root / "step")
-    bare(model_dir, data_file, args, root / "bare")
+    print("warm-up (2 steps)", flush=True)
+    warm = argparse.Namespace(**{**vars(args), "steps": 2})
+    step(args.model, data_file, warm, root, root / "step")
+    bare(model_dir, data_file, warm, root / "bare")
     b, s = [], []
     for i in range(args.repeats):  # alternate to spread machine noise over both
         print(f"repeat {i + 1}", flush=True)

@@ -25,6 +25,8 @@ STEPS: dict[str, tuple[str, str, str]] = {
                  "weight quantization (RTN simulated, bitsandbytes nf4/fp4/int8) + evaluation"),
     "prune": ("mlproject.config:PruneStepConfig", "mlproject.steps.prune",
               "structured pruning to a fraction of parameters + evaluation"),
+    "compare": ("mlproject.config:CompareConfig", "mlproject.steps.compare",
+                "delta tables, rankings and plots from runs on the tracking server"),
 }
 
 
@@ -55,6 +57,8 @@ def _terminate(signum, frame):  # noqa: ARG001 - signal handler signature
 
 
 def _summary(result: Any) -> str:
+    if hasattr(result, "text"):
+        return result.text
     lines = [f"run_id: {getattr(result, 'run_id', '?')}"]
     for name, value in sorted((getattr(result, "metrics", None) or {}).items()):
         if "_stderr" in name:
@@ -74,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from mlproject.errors import UserError
+    from mlproject.errors import StepFailed, UserError
 
     values = {k: v for k, v in vars(args).items() if k not in ("step", "verbose")}
     try:
@@ -82,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         step = importlib.import_module(STEPS[args.step][1])
         result = step.run(cfg)
     except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except StepFailed as exc:
+        logging.getLogger("mlproject").debug("step failed", exc_info=True)
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     print(_summary(result))

@@ -8,3 +8,13 @@ class UserError(Exception):
     """
 
     exit_code = 2
+
+
+class StepFailed(RuntimeError):
+    """A step failed for a reason the user can act on (e.g. training diverged).
+
+    The run is already marked FAILED with the message; the CLI prints one line and exits 1
+    (the traceback only with -v).
+    """
+
+    exit_code = 1

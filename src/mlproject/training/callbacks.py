@@ -9,6 +9,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from mlproject.errors import StepFailed
+
 log = logging.getLogger(__name__)
 
 OnLog = Callable[[dict[str, float], int], None]
@@ -18,7 +20,7 @@ SUMMARY_KEYS = {"train_runtime", "train_samples_per_second", "train_steps_per_se
 GUARDED_KEYS = ("loss", "grad_norm")
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(StepFailed):
     """The loss (or gradient norm) became NaN/inf; training was stopped at that step."""
 
     def __init__(self, key: str, value: float, step: int):

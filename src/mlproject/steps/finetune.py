@@ -1,0 +1,411 @@
+"""`finetune`: SFT or DPO (trl) with LoRA, QLoRA or full fine-tuning, one MLflow run.
+
+Order of work: everything cheap is checked first (model reference, hyper-parameters, the
+dataset's columns, eval tasks, the tracking server), then the training data is loaded, and
+only then is a run opened and the model loaded (once). A bad value therefore fails in a
+second with one line, and leaves no run behind.
+
+What the run holds
+------------------
+* Params: every resolved setting (model, dataset file, method, adapter, LoRA, schedule, eval
+  settings, checkpoint folder, rows of data, row format).
+* ``train/<name>`` at each optimizer step: ``loss``, ``learning_rate``, ``grad_norm``,
+  ``epoch``, trl's ``num_tokens`` / ``mean_token_accuracy`` / ``entropy`` (SFT) and
+  ``rewards/chosen|rejected|margins|accuracies``, ``logps/…``, ``logits/…`` (DPO). Points are
+  buffered and sent with one ``log_batch`` per flush (every 25 steps, every 10 s, at each
+  checkpoint save, and at the end or on failure), never one request per metric.
+* Before / after (``eval_before`` / ``eval_after``: the evaluate step's code, same tasks,
+  limit and PPL text):
+
+  - ``before/<metric>``: the input model as given (for ``adapter=qlora``: the full-precision
+    input, loaded once for this and freed, so the delta is what the user gets from the
+    artifact), logged at step 0;
+  - ``<metric>`` (no prefix): the fine-tuned model as logged, logged at the final optimizer
+    step, so ``compare`` reads plain names as "after" (it prefers ``before/`` on the same run
+    as "before");
+  - ``delta/<metric>`` = after − before for ``ppl/<dataset>``, ``avg_acc`` and each task's
+    preferred metric (the one ``avg_acc`` used, e.g. ``mlp_nonce/acc_norm``).
+* Summary: ``train_seconds``, ``train_steps``, ``trainable_params``, ``total_params``,
+  ``trainable_pct``, ``peak_rss_mb`` (CPU) or ``peak_vram_mb`` (CUDA) during training,
+  ``train/final_loss``, ``params_b``, ``model_size_mb`` (of the output model).
+* Tags: the lineage (``common.lineage_tags`` with role ``finetuned``, ``mlproject.upstream_run``
+  when the input is a run's model), ``mlproject.method``, ``mlproject.adapter_kind``,
+  ``mlproject.cache_key``; on failure ``mlproject.error`` and status FAILED (a NaN/inf loss
+  stops training and raises :class:`~mlproject.training.TrainingDiverged`).
+* Artifacts: ``model/`` — the LoRA adapter (with ``mlproject_model.json`` naming the base
+  reference, plus ``quantization: nf4`` for QLoRA) or, with ``merge=true`` or
+  ``adapter=full``, full weights; with merge the adapter also goes to ``adapter/``. Any step
+  loads it as ``runs:/<run_id>/model``. Also ``report.md``, ``env.json`` and lm-eval JSONs.
+
+Resume
+------
+Checkpoints go to ``output_dir`` (default ``outputs/finetune/<model>-<hash of the settings
+that shape training>``, so the same command finds the same folder). A fresh start clears
+old ``checkpoint-*`` folders there and writes ``mlflow_run_id.txt``; ``resume=true`` reads
+it, reopens that run, continues from the last checkpoint and logs only steps after the
+last ``train/loss`` step already in the run (checkpoints are written after the flush that
+covers their step, so nothing between checkpoint and crash is lost or logged twice). A
+resumed run whose ``before/`` metrics exist does not evaluate the input again.
+
+Chat template
+-------------
+``chat_template`` defaults to ``off``: rows are trained as plain ``prompt + completion``
+text, the format lm-eval scores (it does not apply chat templates here). ``auto`` would
+render instruct models' rows as chat turns, so training and evaluation would see different
+text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from mlproject import tracking
+from mlproject.config import FinetuneStepConfig
+from mlproject.errors import UserError
+from mlproject.models import loading
+from mlproject.models.reference import ModelRef, resolve
+from mlproject.steps import common
+from mlproject.steps import evaluate as ev
+from mlproject.training import datasets as tdata
+
+log = logging.getLogger(__name__)
+
+T = tracking.TAG_PREFIX
+RUN_ID_FILE = "mlflow_run_id.txt"
+DEFAULT_OUTPUT_ROOT = Path("outputs") / "finetune"
+# Settings that shape the trained weights: they name the default checkpoint folder. The
+# length of training (max_steps, epochs) is left out so a longer resume finds the folder.
+CHECKPOINT_KEY_FIELDS = ("model", "method", "adapter", "lora_r", "lora_alpha", "lora_dropout",
+                         "target_modules", "lr", "batch_size", "grad_accum", "max_length", "beta", "seed",
+                         "chat_template", "dtype")
+
+
+@dataclass
+class FinetuneResult:
+    run_id: str
+    model_uri: str
+    """``runs:/<run_id>/model``."""
+    global_step: int
+    final_loss: float | None
+    output_dir: str
+    """The checkpoint folder (what ``resume`` looks at)."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """As logged: the training summary, after-metrics (plain names), ``before/…``, ``delta/…``."""
+    model: Any = field(default=None, repr=False)
+    """The fine-tuned model in memory (what was logged), for callers that keep using it."""
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+def deltas(before: dict[str, float], after: dict[str, float], task_metrics: dict[str, str]) -> dict[str, float]:
+    """``delta/<metric>`` = after − before for ppl/*, avg_acc and each task's preferred metric.
+
+    ``task_metrics`` maps task -> metric name used for avg_acc (``{"mlp_nonce": "acc_norm"}``).
+    """
+    keys = [k for k in after if k.startswith("ppl/")] + ["avg_acc"]
+    keys += [f"{task}/{metric}" for task, metric in task_metrics.items()]
+    return {f"delta/{k}": after[k] - before[k] for k in keys if k in after and k in before}
+
+
+def checkpoint_dir(cfg: FinetuneStepConfig, ref: ModelRef) -> Path:
+    if cfg.output_dir.strip():
+        return Path(cfg.output_dir).expanduser()
+    key = common.cache_key(dataset=cfg.dataset_spec, **{k: getattr(cfg, k) for k in CHECKPOINT_KEY_FIELDS})
+    return DEFAULT_OUTPUT_ROOT / f"{ref.label}-{key}"
+
+
+def base_reference(ref: ModelRef, loaded: loading.LoadedModel, continued_adapter: bool) -> str:
+    """What an adapter trained on `loaded` applies to, as a model reference any step resolves."""
+    if continued_adapter:
+        # The input was itself an adapter, trained further here: the result replaces it on its base.
+        base = loaded.meta.get("base")
+        if base:
+            return base
+        cfg = getattr(loaded.model, "peft_config", {}).get("default")
+        return getattr(cfg, "base_model_name_or_path", None) or ref.raw
+    if ref.kind == "registry" and loaded.meta.get("run_id"):
+        # models:/name@alias can move later; pin the version this adapter was trained on.
+        return f"runs:/{loaded.meta['run_id']}/model"
+    if ref.kind == "local":
+        return ref.target
+    return ref.raw
+
+
+# --------------------------------------------------------------------------- curve logging
+
+class CurveLogger:
+    """Buffers ``train/*`` points and sends many steps in one ``log_batch`` request."""
+
+    def __init__(self, run: tracking.Run, every: int = 25, seconds: float = 10.0):
+        self.run, self.every, self.seconds = run, every, seconds
+        self.rows: list[tuple[int, dict[str, float], int]] = []
+        self.last_flush = time.monotonic()
+        self.last_step = 0
+
+    def __call__(self, values: dict[str, float], step: int) -> None:
+        self.rows.append((step, {f"train/{k}": v for k, v in values.items()}, int(time.time() * 1000)))
+        if len(self.rows) >= self.every or time.monotonic() - self.last_flush >= self.seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows:
+            rows, self.rows = self.rows, []
+            self.run.log_metric_steps(rows)
+            self.last_step = rows[-1][0]
+        self.last_flush = time.monotonic()
+
+    def callback(self):
+        """A TrainerCallback flushing before each checkpoint is final: a checkpoint's steps are
+        always in the run before it exists on disk, so a resume never leaves a gap."""
+        from transformers import TrainerCallback
+
+        logger = self
+
+        class FlushOnSave(TrainerCallback):
+            def on_save(self, args, state, control, **kwargs):
+                logger.flush()
+
+        return FlushOnSave()
+
+
+# --------------------------------------------------------------------------- the step
+
+def _prepare_fresh_dir(out: Path, run_id: str, clear: bool) -> None:
+    """Record the new run in the folder; without resume, old checkpoints go (a later resume
+    would otherwise pick up another run's newest checkpoint)."""
+    out.mkdir(parents=True, exist_ok=True)
+    stale = sorted(out.glob("checkpoint-*")) if clear else []
+    if stale:
+        log.warning("removing %d old checkpoint(s) in %s (resume=false starts over)", len(stale), out)
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
+    (out / RUN_ID_FILE).write_text(run_id + "\n")
+
+
+def _resume_target(out: Path) -> str | None:
+    """The run a resume continues (checked on the server before anything heavy), or None."""
+    f = out / RUN_ID_FILE
+    if not f.is_file():
+        log.warning("resume=true but %s has no %s: a new run records this training (it still "
+                    "continues from a checkpoint there, if any)", out, RUN_ID_FILE)
+        return None
+    run_id = f.read_text().strip()
+    try:
+        tracking.run_data(run_id)
+    except UserError:
+        raise UserError(f"{out} belongs to run {run_id}, which is not on tracking server "
+                        f"{tracking.redact(tracking.tracking_uri())}; use resume=false or another output_dir") from None
+    return run_id
+
+
+def _trainable_adapter(model: Any) -> None:
+    """An adapter loaded for inference (runs:/<sft>/model) keeps training: unfreeze it."""
+    for name in list(model.peft_config):
+        model.peft_config[name].inference_mode = False
+    model.set_requires_grad(list(model.peft_config), requires_grad=True)
+
+
+def _load(ref: ModelRef, cfg: FinetuneStepConfig, device: str, quantized: bool) -> loading.LoadedModel:
+    kwargs: dict[str, Any] = {}
+    if quantized:
+        from mlproject.training import qlora_quantization_config
+
+        kwargs["quantization_config"] = qlora_quantization_config()
+    return loading.load_model(ref, dtype=cfg.dtype, device=device, fetch=tracking.download, **kwargs)
+
+
+def _empty_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _is_peft(model: Any) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def run(cfg: FinetuneStepConfig, *, callbacks: list[Any] | None = None) -> FinetuneResult:
+    """Fine-tune ``cfg.model`` and record it as one MLflow run (see the module docstring).
+
+    ``callbacks``: extra transformers ``TrainerCallback``s (tests, search pruning).
+    """
+    # Everything cheap first: a bad value fails here, before a run or weights exist.
+    ref = resolve(cfg.model)
+    spec = cfg.dataset_spec
+    columns = tdata.peek_columns(spec)
+    if columns is not None:
+        fmt = tdata.validate_columns(columns, cfg.method)
+        log.info("dataset %s: %s rows (%s)", spec, fmt, ", ".join(columns))
+    plan = ev.plan_eval(cfg.eval_options())
+    device = loading.pick_device(cfg.device)
+    loading.pick_dtype(cfg.dtype, device)
+    if cfg.adapter == "qlora":
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UserError("adapter=qlora needs bitsandbytes: pip install bitsandbytes")
+    tracking.check_server(cfg.tracking_uri or None)
+    common.check_remote_refs(ref)
+    out_dir = checkpoint_dir(cfg, ref)
+    resume_id = _resume_target(out_dir) if cfg.resume else None
+    data = tdata.load_training_data(spec, cfg.method)  # full load + row checks, still before the run
+    ft = cfg.finetune_config(str(out_dir))
+
+    params = {
+        "model": cfg.model, "dataset": spec, "dataset_rows": len(data), "dataset_columns": ",".join(data.column_names),
+        **{k: v for k, v in ft.to_params().items() if k != "resume"},
+        "dtype": cfg.dtype, "device": device, "eval_before": cfg.eval_before, "eval_after": cfg.eval_after,
+        **{("eval_batch_size" if k == "batch_size" else k): v for k, v in plan.params().items() if k != "seed"},
+    }
+    key = common.cache_key(step="finetune", **{k: v for k, v in params.items() if k != "output_dir"})
+    with tracking.step_run(
+        "finetune", experiment=cfg.experiment or None, run_name=common.run_name("finetune", cfg.run_name, ref),
+        tags={f"{T}cache_key": key, f"{T}method": cfg.method, f"{T}adapter_kind": cfg.adapter},
+        run_id=resume_id,
+    ) as run:
+        return _run_in(run, cfg, ref, plan, device, data, ft, out_dir, params, resume_id, callbacks)
+
+
+def _run_in(run: tracking.Run, cfg: FinetuneStepConfig, ref: ModelRef, plan: ev.EvalPlan, device: str, data: Any,
+            ft: Any, out_dir: Path, params: dict, resume_id: str | None,
+            callbacks: list[Any] | None) -> FinetuneResult:
+    from mlproject.training import trainer
+    from mlproject.training.adapters import is_4bit, save_output
+
+    skip = 0
+    before: dict[str, float] = {}
+    if resume_id:
+        skip = tracking.last_metric_step(run.run_id, "train/loss")
+        recorded = tracking.run_data(run.run_id)["metrics"]
+        if "before/eval_seconds" in recorded:
+            before = {k[len("before/"):]: v for k, v in recorded.items() if k.startswith("before/")}
+        run.delete_tag(f"{T}error")
+        run.set_tags({f"{T}resumed_after_step": skip})
+        log.info("resuming run %s after logged step %d from %s", run.run_id, skip, out_dir)
+    else:
+        _prepare_fresh_dir(out_dir, run.run_id, clear=not cfg.resume)
+    run.log_params(params)
+    common.reset_peak_memory()
+    evaluating_before = cfg.eval_before and not before and (plan.tasks or plan.ppl_name)
+
+    quantized = cfg.adapter == "qlora"
+    if evaluating_before and quantized:
+        # "before" is the input as the user has it (full precision), not the 4-bit copy we train.
+        fp = _load(ref, cfg, device, quantized=False)
+        before = ev.evaluate_loaded(fp, plan, run, prefix="before/").metrics
+        del fp
+        gc.collect()
+        _empty_cuda_cache()
+    loaded = _load(ref, cfg, device, quantized)
+    run.set_tags(common.lineage_tags(ref, loaded, "finetuned"))
+    if evaluating_before and not quantized:
+        before = ev.evaluate_loaded(loaded, plan, run, prefix="before/").metrics
+
+    model = loaded.model
+    continued = _is_peft(model)
+    if continued and cfg.adapter == "full":
+        model = model.merge_and_unload()
+        continued = False
+    elif continued:
+        log.info("the input is an adapter: training it further (lora_r/alpha/target_modules of the input apply)")
+        _trainable_adapter(model)
+    run.log_params({"resolved_model": loaded.ref.target, "model_dtype": str(model.dtype),
+                    "continued_adapter": continued})
+
+    curves = CurveLogger(run)
+    try:
+        result = trainer.train(model, loaded.tokenizer, data, ft, on_log=curves, output_dir=out_dir,
+                               callbacks=[curves.callback(), *(callbacks or [])], skip_logged_through=skip)
+    except BaseException:
+        # The steps up to a failure (a NaN loss included) stay in the run; a failing flush
+        # must not hide the training error.
+        with contextlib.suppress(Exception):
+            curves.flush()
+        raise
+    curves.flush()
+    step = result.global_step
+    summary = result.metrics()
+    if "train_samples_per_second" in result.summary:
+        summary["train/samples_per_second"] = result.summary["train_samples_per_second"]
+    run.log_metrics(summary, step=step)
+
+    # -- the output, logged as the run's `model` (and `adapter`) artifact
+    four_bit = is_4bit(result.model)
+    lineage = {"base_model": loaded.base_model, "family": loaded.family, "instruct": loaded.instruct,
+               "run_id": run.run_id, "method": cfg.method, "source": cfg.model}
+    with tempfile.TemporaryDirectory(prefix="mlproject-finetune-") as tmp:
+        saved = save_output(result.model, loaded.tokenizer, tmp, merge=cfg.merge)
+        if saved.adapter_dir is not None:
+            loading.write_meta(saved.adapter_dir, kind="adapter", base=base_reference(ref, loaded, continued),
+                               quantization="nf4" if four_bit else None, **lineage)
+        if saved.model_dir is not None:
+            loading.write_meta(saved.model_dir, kind="full", merged=saved.adapter_dir is not None, **lineage)
+            run.log_artifacts(saved.model_dir, "model")
+            if saved.adapter_dir is not None:
+                run.log_artifacts(saved.adapter_dir, "adapter")
+        else:
+            run.log_artifacts(saved.adapter_dir, "model")
+    final = saved.model
+    final.eval()  # the trainer leaves it in train mode (LoRA dropout on)
+
+    after_loaded = replace(loaded, model=final, ref=ref, adapter=None)
+    outcome = ev.EvalOutcome()
+    metrics: dict[str, float] = dict(summary)
+    if cfg.eval_after and (plan.tasks or plan.ppl_name):
+        outcome = ev.evaluate_loaded(after_loaded, plan, run, step=step)
+        metrics.update(outcome.metrics)
+        if before:
+            used = outcome.harness.avg_metrics if outcome.harness else {}
+            delta = deltas(before, outcome.metrics, used)
+            run.log_metrics(delta, step=step)
+            metrics.update(delta)
+    metrics.update({f"before/{k}": v for k, v in before.items()})
+    system = {**ev.model_metrics(final)}
+    run.log_metrics(system, step=step)
+    metrics.update(system)
+
+    md = ev.report(f"finetune: {ref.label}", run, "finetune", params, plan, outcome,
+                   {**system, **{k: v for k, v in summary.items() if not k.startswith("train/")}},
+                   extra_sections=_report_sections(cfg, result, before, outcome, params))
+    run.log_text(md, "report.md")
+    return FinetuneResult(run_id=run.run_id, model_uri=run.model_uri(), global_step=step,
+                          final_loss=result.final_loss, output_dir=str(out_dir), metrics=metrics, model=final)
+
+
+def _report_sections(cfg: FinetuneStepConfig, result: Any, before: dict[str, float], outcome: ev.EvalOutcome,
+                     params: dict) -> dict[str, str]:
+    from mlproject.report import bullet, md_table
+
+    training = bullet({
+        "method / adapter": f"{cfg.method} / {cfg.adapter}",
+        "data": f"{params['dataset']} ({params['dataset_rows']} rows)",
+        "optimizer steps": result.global_step,
+        "resumed from checkpoint step": result.resumed_from_step or "no",
+        "final loss": f"{result.final_loss:.4f}" if result.final_loss is not None else None,
+        "train seconds": f"{result.train_seconds:.1f}",
+        "trainable / total params": f"{result.trainable_params:,} / {result.total_params:,} "
+                                    f"({100.0 * result.trainable_params / max(result.total_params, 1):.3f}%)",
+        "chat template": cfg.chat_template,
+        "checkpoints": params["output_dir"],
+    })
+    sections = {"Training": training}
+    if before and outcome.metrics:
+        used = outcome.harness.avg_metrics if outcome.harness else {}
+        keys = [k for k in outcome.metrics if k.startswith("ppl/")] + ["avg_acc"] + [f"{t}/{m}" for t, m in used.items()]
+        rows = [(k, before.get(k), outcome.metrics.get(k),
+                 outcome.metrics[k] - before[k] if k in before and k in outcome.metrics else None) for k in keys]
+        sections["Before / after"] = (
+            "`before/<metric>` is the input model, plain names the fine-tuned one, `delta/<metric>` = after − before.\n\n"
+            + md_table(["metric", "before", "after", "delta"], rows))
+    return sections
