@@ -48,3 +48,21 @@ def mlflow_client(uri: str):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(uri)
+
+
+def assert_bad_input(argv: list[str], needle: str, uri: str, experiment: str, capsys, monkeypatch) -> None:
+    """`mlproject <argv>` fails as bad input must: exit 2, one last line `error: …` naming
+    `needle`, no weights loaded, and no run created in `experiment`."""
+    from mlproject import cli
+    from mlproject.models import loading
+
+    def must_not_load(*a, **k):
+        raise AssertionError("weights loaded despite bad input")
+
+    monkeypatch.setattr(loading, "load_model", must_not_load)
+    rc = cli.main([*argv, "--tracking-uri", uri, "--experiment", experiment])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err[-1].startswith("error: ") and needle in err[-1], err[-1]
+    found = mlflow_client(uri).get_experiment_by_name(experiment)
+    assert found is None or not mlflow_client(uri).search_runs([found.experiment_id])

@@ -5,9 +5,8 @@ import sys
 
 import pytest
 
-from conftest import mlflow_client
+from conftest import assert_bad_input
 from mlproject import cli
-from mlproject.models import loading
 
 BAD = [
     (["--model", "mistrall"], "mistrall"),
@@ -30,18 +29,9 @@ BAD = [
 
 @pytest.mark.parametrize("argv,needle", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_input_exits_2_with_one_line(argv, needle, mlflow_uri, tiny_dirs, capsys, monkeypatch):
-    def must_not_load(*a, **k):
-        raise AssertionError("weights loaded despite bad input")
-
-    monkeypatch.setattr(loading, "load_model", must_not_load)
     exp = "bad-" + "-".join(a.strip("-/") for a in argv)[:60]
-    base = ["evaluate", "--model", str(tiny_dirs["llama"]), "--tracking-uri", mlflow_uri, "--experiment", exp]
-    rc = cli.main(base + argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2
-    assert err[-1].startswith("error: ") and needle in err[-1]
-    experiment = mlflow_client(mlflow_uri).get_experiment_by_name(exp)
-    assert experiment is None or not mlflow_client(mlflow_uri).search_runs([experiment.experiment_id])
+    assert_bad_input(["evaluate", "--model", str(tiny_dirs["llama"]), *argv], needle, mlflow_uri, exp,
+                     capsys, monkeypatch)
 
 
 def test_unreachable_tracking_server(tiny_dirs, capsys):

@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from conftest import mlflow_client
+from conftest import assert_bad_input, mlflow_client
 
 torch = pytest.importorskip("torch")
 
@@ -309,20 +309,11 @@ BAD = [
 @pytest.mark.parametrize("argv,needle", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_input_exits_2_before_any_run_or_weights(argv, needle, mlflow_uri, tiny_dirs, data, capsys,
                                                      monkeypatch, tmp_path):
-    def must_not_load(*a, **k):
-        raise AssertionError("weights loaded despite bad input")
-
-    monkeypatch.setattr(loading, "load_model", must_not_load)
     exp = "bad-ft-" + "-".join(a.strip("-/") for a in argv)[:50]
     argv = [a.format(**{k: str(v) for k, v in data.items()}) for a in argv]
-    base = ["finetune", "--model", str(tiny_dirs["llama"]), "--dataset", str(data["sft"]), "--max-steps", "2",
-            "--output-dir", str(tmp_path / "ckpt"), "--tracking-uri", mlflow_uri, "--experiment", exp]
-    rc = cli.main(base + argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2
-    assert err[-1].startswith("error: ") and needle in err[-1], err[-1]
-    experiment = mlflow_client(mlflow_uri).get_experiment_by_name(exp)
-    assert experiment is None or not mlflow_client(mlflow_uri).search_runs([experiment.experiment_id])
+    assert_bad_input(["finetune", "--model", str(tiny_dirs["llama"]), "--dataset", str(data["sft"]),
+                      "--max-steps", "2", "--output-dir", str(tmp_path / "ckpt"), *argv], needle, mlflow_uri, exp,
+                     capsys, monkeypatch)
     assert not (tmp_path / "ckpt").exists()
 
 

@@ -3,8 +3,7 @@
 import pytest
 
 import tiny
-from conftest import mlflow_client
-from mlproject import cli
+from conftest import assert_bad_input, mlflow_client
 from mlproject.config import EvaluateConfig, QuantizeConfig
 from mlproject.models import loading
 from mlproject.steps import evaluate, quantize
@@ -129,20 +128,10 @@ BAD = [
 
 @pytest.mark.parametrize("argv,needle", BAD, ids=[" ".join(a) for a, _ in BAD])
 def test_bad_input_exits_2_before_a_run(argv, needle, mlflow_uri, tiny_dirs, gpt2_dir, capsys, monkeypatch):
-    def must_not_load(*a, **k):
-        raise AssertionError("weights loaded despite bad input")
-
-    monkeypatch.setattr(loading, "load_model", must_not_load)
     argv = [str(gpt2_dir) if a == "GPT2" else a for a in argv]
     exp = "bad-quantize-" + "-".join(a.strip("-/") for a in argv)[-50:].replace("/", "_")
-    base = ["quantize", "--model", str(tiny_dirs["llama"]), "--group-size", "32",
-            "--tracking-uri", mlflow_uri, "--experiment", exp]
-    rc = cli.main(base + argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2
-    assert err[-1].startswith("error: ") and needle in err[-1]
-    experiment = mlflow_client(mlflow_uri).get_experiment_by_name(exp)
-    assert experiment is None or not mlflow_client(mlflow_uri).search_runs([experiment.experiment_id])
+    assert_bad_input(["quantize", "--model", str(tiny_dirs["llama"]), "--group-size", "32", *argv], needle,
+                     mlflow_uri, exp, capsys, monkeypatch)
 
 
 @pytest.mark.parametrize("method", ["rtn", "bnb-nf4"])

@@ -159,7 +159,6 @@ def load_model(
     trust_remote_code: bool = False,
 ) -> LoadedModel:
     """Load weights and tokenizer; apply a PEFT adapter (from the model dir or `adapter`)."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = pick_device(device)

@@ -37,6 +37,25 @@ def lineage_tags(ref: ModelRef, loaded: LoadedModel | None = None, role: str = "
     return tags
 
 
+def check_model_args(model: str, adapter: str, device: str, dtype: str):
+    """The cheap checks every model-loading step starts with: reference, adapter, device,
+    dtype. Returns (ModelRef, device, torch dtype); raises UserError naming a bad value."""
+    from mlproject.models import loading
+    from mlproject.models.reference import resolve
+
+    ref = resolve(model)
+    if adapter:
+        loading.resolve_adapter(adapter)
+    device = loading.pick_device(device)
+    return ref, device, loading.pick_dtype(dtype, device)
+
+
+def check_tracking(tracking_uri: str, ref: ModelRef, adapter: str = "") -> None:
+    """The tracking server answers and the runs:/ / models:/ references exist on it."""
+    tracking.check_server(tracking_uri or None)
+    check_remote_refs(ref, adapter)
+
+
 def check_remote_refs(ref: ModelRef, adapter: str = "") -> None:
     """runs:/ and models:/ references must exist before a run is opened."""
     from mlproject.models.loading import resolve_adapter

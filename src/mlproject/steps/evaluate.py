@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from mlproject import tracking
 from mlproject.config import EvalOptions, EvaluateConfig
 from mlproject.evaluation import harness, perplexity
 from mlproject.models import loading
-from mlproject.models.reference import resolve
 from mlproject.report import render
 from mlproject.steps import common
 
@@ -164,14 +163,9 @@ class EvaluateResult:
 
 def run(cfg: EvaluateConfig) -> EvaluateResult:
     # Everything cheap first: a bad value fails here, before a run or weights exist.
-    ref = resolve(cfg.model)
-    if cfg.adapter:
-        loading.resolve_adapter(cfg.adapter)
+    ref, device, _ = common.check_model_args(cfg.model, cfg.adapter, cfg.device, cfg.dtype)
     plan = plan_eval(cfg)
-    device = loading.pick_device(cfg.device)
-    loading.pick_dtype(cfg.dtype, device)
-    tracking.check_server(cfg.tracking_uri or None)
-    common.check_remote_refs(ref, cfg.adapter)
+    common.check_tracking(cfg.tracking_uri, ref, cfg.adapter)
 
     params = {"model": cfg.model, "adapter": cfg.adapter or "none", "dtype": cfg.dtype,
               "device": device, **plan.params()}

@@ -248,15 +248,13 @@ def run(cfg: FinetuneStepConfig, *, callbacks: list[Any] | None = None) -> Finet
         fmt = tdata.validate_columns(columns, cfg.method)
         log.info("dataset %s: %s rows (%s)", spec, fmt, ", ".join(columns))
     plan = ev.plan_eval(cfg.eval_options())
-    device = loading.pick_device(cfg.device)
-    loading.pick_dtype(cfg.dtype, device)
+    _, device, _ = common.check_model_args(cfg.model, "", cfg.device, cfg.dtype)
     if cfg.adapter == "qlora":
         import importlib.util
 
         if importlib.util.find_spec("bitsandbytes") is None:
             raise UserError("adapter=qlora needs bitsandbytes: pip install bitsandbytes")
-    tracking.check_server(cfg.tracking_uri or None)
-    common.check_remote_refs(ref)
+    common.check_tracking(cfg.tracking_uri, ref)
     out_dir = checkpoint_dir(cfg, ref)
     resume_id = _resume_target(out_dir) if cfg.resume else None
     data = tdata.load_training_data(spec, cfg.method)  # full load + row checks, still before the run

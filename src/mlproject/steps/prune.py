@@ -22,8 +22,6 @@ from mlproject import tracking
 from mlproject.compression import prune as prune_lib
 from mlproject.config import PruneStepConfig
 from mlproject.errors import UserError
-from mlproject.models import loading
-from mlproject.models.reference import resolve
 from mlproject.report import md_table
 from mlproject.steps import _compression as shared
 from mlproject.steps import common
@@ -53,16 +51,11 @@ def calibration_ids(tokenizer, text: str, samples: int, seqlen: int, seed: int):
 
 def run(cfg: PruneStepConfig) -> CompressResult:
     # Everything cheap first: a bad value fails here, before a run or weights exist.
-    ref = resolve(cfg.model)
-    if cfg.adapter:
-        loading.resolve_adapter(cfg.adapter)
+    ref, device, torch_dtype = common.check_model_args(cfg.model, cfg.adapter, cfg.device, cfg.dtype)
     plan = plan_eval(cfg)
-    device = loading.pick_device(cfg.device)
-    torch_dtype = loading.pick_dtype(cfg.dtype, device)
     pcfg = cfg.prune_config()
     activation = cfg.importance == "activation"
-    tracking.check_server(cfg.tracking_uri or None)
-    common.check_remote_refs(ref, cfg.adapter)
+    common.check_tracking(cfg.tracking_uri, ref, cfg.adapter)
     config = shared.peek_config(ref, "prune")
     if config is not None:
         meta = shared.meta_model(config)

@@ -26,7 +26,6 @@ from mlproject.compression import rtn as rtn_lib
 from mlproject.config import QuantizeConfig
 from mlproject.errors import UserError
 from mlproject.models import loading
-from mlproject.models.reference import resolve
 from mlproject.report import md_table
 from mlproject.steps import _compression as shared
 from mlproject.steps import common
@@ -83,18 +82,13 @@ def _bnb_params(method: str, blocksize: int | None) -> dict:
 
 def run(cfg: QuantizeConfig) -> CompressResult:
     # Everything cheap first: a bad value fails here, before a run or weights exist.
-    ref = resolve(cfg.model)
-    if cfg.adapter:
-        loading.resolve_adapter(cfg.adapter)
+    ref, device, torch_dtype = common.check_model_args(cfg.model, cfg.adapter, cfg.device, cfg.dtype)
     plan = plan_eval(cfg)
-    device = loading.pick_device(cfg.device)
-    torch_dtype = loading.pick_dtype(cfg.dtype, device)
     rtn = cfg.method == "rtn"
     rtn_cfg = cfg.rtn_config() if rtn else None
     if not rtn:
         _check_bnb_installed()
-    tracking.check_server(cfg.tracking_uri or None)
-    common.check_remote_refs(ref, cfg.adapter)
+    common.check_tracking(cfg.tracking_uri, ref, cfg.adapter)
     config = shared.peek_config(ref, "quantize")
     if rtn and config is not None and not getattr(config, "pruned_layer_sizes", None):
         meta = shared.meta_model(config)
