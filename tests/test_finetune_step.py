@@ -11,6 +11,7 @@ import math
 
 import pytest
 
+import tiny
 from conftest import assert_bad_input, mlflow_client
 
 torch = pytest.importorskip("torch")
@@ -22,25 +23,8 @@ from mlproject.models.reference import resolve  # noqa: E402
 from mlproject.steps import evaluate, finetune  # noqa: E402
 from mlproject.training import TrainingDiverged  # noqa: E402
 
-SFT_ROWS = [
-    {"prompt": "the quick", "completion": " fox"},
-    {"prompt": "the lazy", "completion": " dog"},
-    {"prompt": "capital of France is", "completion": " Paris"},
-    {"prompt": "yes or", "completion": " no"},
-]
-DPO_ROWS = [
-    {"prompt": "the quick brown", "chosen": " fox", "rejected": " dog"},
-    {"prompt": "capital of France is", "chosen": " Paris", "rejected": " no"},
-]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a shared 2-core box they thrash."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+SFT_ROWS, DPO_ROWS = tiny.SFT_ROWS, tiny.DPO_ROWS
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_jsonl(path, rows):

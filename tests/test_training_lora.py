@@ -17,25 +17,10 @@ from mlproject.training import FinetuneConfig, TrainingDiverged, save_output, tr
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a shared 2-core box they thrash (3x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-SFT_ROWS = [
-    {"prompt": "the quick", "completion": " fox"},
-    {"prompt": "the lazy", "completion": " dog"},
-    {"prompt": "capital of France is", "completion": " Paris"},
-    {"prompt": "yes or", "completion": " no"},
-]
-DPO_ROWS = [
-    {"prompt": "the quick brown", "chosen": " fox", "rejected": " dog"},
-    {"prompt": "capital of France is", "chosen": " Paris", "rejected": " no"},
-]
+SFT_ROWS, DPO_ROWS = tiny.SFT_ROWS, tiny.DPO_ROWS
 
 
 def sft_data(n=8):

@@ -23,13 +23,7 @@ ROWS = [
 PREF_ROWS = [{"prompt": "the quick brown", "chosen": " fox", "rejected": " dog"}] * 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a shared 2-core box they thrash."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def cfg(**kw):

@@ -12,6 +12,18 @@ CHAT_TEMPLATE = (
 
 ARCHS = ("llama", "mistral", "qwen2")
 
+# Training rows the tiny tokenizer covers, for SFT (prompt/completion) and DPO (preferences).
+SFT_ROWS = [
+    {"prompt": "the quick", "completion": " fox"},
+    {"prompt": "the lazy", "completion": " dog"},
+    {"prompt": "capital of France is", "completion": " Paris"},
+    {"prompt": "yes or", "completion": " no"},
+]
+DPO_ROWS = [
+    {"prompt": "the quick brown", "chosen": " fox", "rejected": " dog"},
+    {"prompt": "capital of France is", "chosen": " Paris", "rejected": " no"},
+]
+
 
 def corpus() -> list[str]:
     words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "answer", "question",
