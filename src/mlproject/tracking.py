@@ -100,6 +100,7 @@ class Run:
 
         self.run_id = run_id
         self.experiment_id = experiment_id
+        self.env: dict | None = None  # the snapshot logged as env.json, when step_run took one
         self.client = MlflowClient()
 
     # -- params, tags, metrics -------------------------------------------------------
@@ -243,9 +244,9 @@ def step_run(
             base_tags["mlflow.runName"] = run_name
         run.set_tags(base_tags)
         if log_env:
-            info = envinfo.collect()
-            run.set_tags(_env_tags(info))
-            run.log_dict(info, "env.json")
+            run.env = envinfo.collect()
+            run.set_tags(_env_tags(run.env))
+            run.log_dict(run.env, "env.json")
         yield run
         status = "FINISHED"
     except (KeyboardInterrupt, SystemExit) as exc:

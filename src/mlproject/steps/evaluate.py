@@ -134,10 +134,11 @@ def report(title: str, run: tracking.Run, step: str, params: dict, plan: EvalPla
 
     from mlproject import envinfo
 
-    env = envinfo.collect()
+    # The snapshot step_run logged as env.json: report and artifact agree, collected once.
+    env = run.env or envinfo.collect()
     return render(
         title=title,
-        run_info={"run id": run.run_id, "step": step, "time": env["time"],
+        run_info={"run id": run.run_id, "step": step, "started": env["time"],
                   "command": f"`{tracking.command_line()}`"},
         datasets={"PPL dataset": plan.opts.ppl_dataset, "lm-eval tasks": ", ".join(plan.tasks) or "none",
                   "limit": plan.limit if plan.limit is not None else "all",
