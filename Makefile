@@ -1,4 +1,4 @@
-# make demo   fresh machine: installs everything, evaluates the offline SmolLM2, prints results
+# make demo   fresh machine: installs everything, runs the demo pipeline offline on SmolLM2, prints the comparison
 # make test   fresh machine: installs everything, runs the whole test suite (offline)
 # make ui     MLflow UI on http://127.0.0.1:5000 over the runs in ./mlflow.db
 VENV   ?= .venv
@@ -26,8 +26,7 @@ test: setup
 	$(PY) -m pytest -q
 
 demo: setup
-	$(VENV)/bin/mlproject evaluate --model smollm2 --tasks offline --ppl-dataset offline --experiment demo
-	@echo "Browse it: make ui  (then open http://127.0.0.1:5000, experiment 'demo')"
+	$(VENV)/bin/mlproject run pipelines/demo.yaml
 
 ui: setup
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db

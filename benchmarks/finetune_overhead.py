@@ -65,11 +65,11 @@ def step(model: str, data_file: Path, args, store: Path, out: Path) -> float:
 
     start = time.perf_counter()
     res = finetune.run(FinetuneStepConfig(
-        model=model, dataset=str(data_file), max_steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+        model=model, dataset=str(data_file), max_steps=args.steps, train_batch_size=args.batch_size, lr=args.lr,
         lora_r=args.lora_r, lora_alpha=2 * args.lora_r, seed=args.seed, save_steps=0, eval_after=False,
         output_dir=str(out), experiment="bench", tracking_uri=f"sqlite:///{store}/mlflow.db"))
     elapsed = time.perf_counter() - start
-    print(f"  step: {elapsed:.2f}s (last loss {res.final_loss})", flush=True)
+    print(f"  step: {elapsed:.2f}s (last loss {res.details['final_loss']})", flush=True)
     return elapsed
 
 

@@ -38,21 +38,23 @@ def yaml_scalar(value) -> str:
     return '""' if value == "" else '"' + str(value).replace('"', '\\"') + '"'
 
 
-def render() -> str:
-    from mlproject.cli import STEPS, config_class
+def entries():
+    """(entry point name, registry entry), MLflow's default entry point `main` first."""
+    from mlproject.steps import COMMANDS, STEPS
 
+    items = [(info.entry_point or name, info) for name, info in [*STEPS.items(), *COMMANDS.items()]]
+    return sorted(items, key=lambda item: item[0] != "main")
+
+
+def render() -> str:
     out = [HEADER]
-    entry_names = list(STEPS)
-    if "main" in entry_names:  # MLflow's default entry point first
-        entry_names.remove("main")
-        entry_names.insert(0, "main")
-    for step in entry_names:
-        fields = [f for f in dataclasses.fields(config_class(step)) if not f.metadata.get("cli_only")]
-        out.append(f"  {step}:\n    parameters:\n")
+    for entry_point, info in entries():
+        fields = [f for f in dataclasses.fields(info.config_class()) if not f.metadata.get("cli_only")]
+        out.append(f"  {entry_point}:\n    parameters:\n")
         for f in fields:
             out.append(f"      {f.name}: {{type: {mlflow_type(f)}, default: {yaml_scalar(f.default)}}}\n")
         flags = " ".join(f"--{f.name.replace('_', '-')} {{{f.name}}}" for f in fields)
-        out.append(f'    command: "PYTHONPATH=src:$PYTHONPATH python -m mlproject {step} {flags}"\n')
+        out.append(f'    command: "PYTHONPATH=src:$PYTHONPATH python -m mlproject {info.name} {flags}"\n')
     return "".join(out)
 
 
@@ -61,14 +63,13 @@ README_END = "<!-- parameters:end -->"
 
 
 def render_params_md() -> str:
-    from mlproject.cli import STEPS, config_class
-
     out = [README_START, ""]
-    for step, (_, _, summary) in STEPS.items():
-        out.append(f"#### `{step}` — {summary}\n")
+    for entry_point, info in entries():
+        title = f"`{entry_point}`" + (f" (`mlproject {info.name}`)" if entry_point != info.name else "")
+        out.append(f"#### {title} — {info.summary}\n")
         out.append("| parameter (`-P name=…` / `--flag`) | default | meaning |")
         out.append("|---|---|---|")
-        for f in dataclasses.fields(config_class(step)):
+        for f in dataclasses.fields(info.config_class()):
             flag = "--" + f.name.replace("_", "-")
             name = f"`{flag}` (CLI only)" if f.metadata.get("cli_only") else f"`{f.name}` / `{flag}`"
             default = "`" + str(f.default) + "`" if f.default != "" else "(empty)"

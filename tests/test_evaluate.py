@@ -34,7 +34,7 @@ def test_run_is_recorded_on_the_server(llama_run, tiny_dirs):
     assert tags["mlproject.model"] == str(tiny_dirs["llama"])
     assert tags["mlproject.role"] == "base"
     assert tags["mlproject.family"] == "llama"
-    assert len(tags["mlproject.cache_key"]) == 16
+    assert len(tags["mlproject.cache_key"]) == 24
     assert tags["env.python"] and tags["env.pkg.torch"] and tags["env.pkg.lm_eval"]
     params = run.data.params
     assert params["tasks"] == "mlp_capitals,mlp_arith,mlp_nonce"

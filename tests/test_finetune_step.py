@@ -43,8 +43,8 @@ def data(tmp_path_factory):
 
 
 def ft_config(uri, model, dataset, tmp_path, **kw):
-    base = dict(model=str(model), dataset=str(dataset), max_steps=4, batch_size=2, lr=1e-2, lora_r=4,
-                lora_alpha=8, lora_dropout=0.0, tasks="none", ppl_dataset="none", seqlen=32, eval_batch_size="8",
+    base = dict(model=str(model), dataset=str(dataset), max_steps=4, train_batch_size=2, lr=1e-2, lora_r=4,
+                lora_alpha=8, lora_dropout=0.0, tasks="none", ppl_dataset="none", seqlen=32, batch_size="8",
                 output_dir=str(tmp_path / "ckpt"), tracking_uri=uri, experiment="test-finetune")
     base.update(kw)
     return FinetuneStepConfig(**base)
@@ -96,9 +96,9 @@ def test_sft_run_is_recorded(sft_run, tiny_dirs, data, mlflow_uri):
     assert tags["mlproject.method"] == "sft" and tags["mlproject.family"] == "llama"
     assert tags["mlproject.model"] == str(tiny_dirs["llama"]) and "mlproject.upstream_run" not in tags
     params = run.data.params
-    assert params["method"] == "sft" and params["adapter"] == "lora" and params["lora_r"] == "4"
+    assert params["method"] == "sft" and params["finetuning"] == "lora" and params["adapter"] == "none" and params["lora_r"] == "4"
     assert params["dataset"] == str(data["sft"]) and params["dataset_rows"] == "16"
-    assert params["chat_template"] == "off" and params["max_steps"] == "4" and params["eval_batch_size"] == "8"
+    assert params["chat_template"] == "off" and params["max_steps"] == "4" and params["batch_size"] == "8" and params["train_batch_size"] == "2"
     assert "per_device_train_batch_size" not in params  # transformers' MLflowCallback stayed away
 
     loss = history(client, result.run_id, "train/loss")
@@ -109,8 +109,8 @@ def test_sft_run_is_recorded(sft_run, tiny_dirs, data, mlflow_uri):
 
     m = run.data.metrics
     assert 0 < m["trainable_params"] < m["total_params"] and m["train_steps"] == 4 and m["train_seconds"] > 0
-    assert m["peak_rss_mb"] > 0 and m["train/final_loss"] == pytest.approx(loss[-1][1])
-    assert result.global_step == 4 and result.model_uri == f"runs:/{result.run_id}/model"
+    assert m["peak_rss_mb"] >= m["train/peak_rss_mb"] > 0 and m["train/final_loss"] == pytest.approx(loss[-1][1])
+    assert result.details["global_step"] == 4 and result.model_uri == f"runs:/{result.run_id}/model"
 
 
 def test_sft_before_after_and_deltas(sft_run, mlflow_uri):
@@ -190,10 +190,10 @@ def test_dpo_continues_the_sft_adapter_and_merges(sft_run, data, mlflow_uri, tin
 
 def test_qlora_adapter_reloads_on_a_requantized_base(mlflow_uri, tiny_dirs, data, ppl_text_file, tmp_path):
     pytest.importorskip("bitsandbytes")
-    result = finetune.run(ft_config(mlflow_uri, tiny_dirs["qwen2"], data["sft"], tmp_path, adapter="qlora",
+    result = finetune.run(ft_config(mlflow_uri, tiny_dirs["qwen2"], data["sft"], tmp_path, finetuning="qlora",
                                     max_steps=3, ppl_dataset=str(ppl_text_file)))
     run = mlflow_client(mlflow_uri).get_run(result.run_id)
-    assert run.info.status == "FINISHED" and run.data.tags["mlproject.adapter_kind"] == "qlora"
+    assert run.info.status == "FINISHED" and run.data.tags["mlproject.finetuning"] == "qlora"
     m = run.data.metrics
     assert 0 < m["trainable_params"] < m["total_params"] and math.isfinite(m["train/final_loss"])
     meta = json.loads((tracking.download(result.model_uri) / "mlproject_model.json").read_text())
@@ -224,7 +224,7 @@ def test_nan_loss_through_the_cli_is_one_line_and_exit_1(mlflow_uri, tiny_dirs, 
     from mlproject import cli
 
     rc = cli.main(["finetune", "--model", str(tiny_dirs["llama"]), "--dataset", str(data["sft"]),
-                   "--lr", "1e30", "--max-steps", "4", "--batch-size", "2", "--tasks", "none",
+                   "--lr", "1e30", "--max-steps", "4", "--train-batch-size", "2", "--tasks", "none",
                    "--ppl-dataset", "none", "--eval-after", "false", "--output-dir", str(tmp_path / "ckpt"),
                    "--tracking-uri", mlflow_uri, "--experiment", "test-finetune-nan-cli"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -261,7 +261,7 @@ def test_resume_continues_the_same_run_without_duplicate_steps(mlflow_uri, tiny_
     assert [s for s, _ in history(client, run_id, "train/loss")] == [1, 2, 3, 4, 5]
 
     result = finetune.run(ft_config(mlflow_uri, tiny_dirs["llama"], data["sft"], tmp_path, resume=True, **kw))
-    assert result.run_id == run_id and result.global_step == 6
+    assert result.run_id == run_id and result.details["global_step"] == 6
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and "mlproject.error" not in run.data.tags
     assert run.data.tags["mlproject.resumed_after_step"] == "5"
@@ -276,7 +276,8 @@ BAD = [
     (["--dataset", "{bad}"], "missing column(s) prompt, completion; found question, answer"),
     (["--method", "dpo", "--dataset", "{sft}"], "missing column(s) chosen, rejected"),
     (["--method", "bogus"], "bogus"),
-    (["--adapter", "dora"], "dora"),
+    (["--finetuning", "dora"], "dora"),
+    (["--adapter", "mistral"], "mistral"),
     (["--lora-r", "0"], "lora_r"),
     (["--lr", "-1"], "lr"),
     (["--max-steps", "0"], "max_steps"),
@@ -285,7 +286,8 @@ BAD = [
     (["--dataset", "/no/such/file.jsonl"], "/no/such/file.jsonl"),
     (["--dataset", "offline:unknown"], "unknown"),
     (["--tasks", "mlp_nonce,boolqq"], "boolqq"),
-    (["--eval-batch-size", "0"], "batch_size"),
+    (["--batch-size", "0"], "batch_size"),
+    (["--train-batch-size", "0"], "train_batch_size"),
     (["--model", "mistrall"], "mistrall"),
 ]
 

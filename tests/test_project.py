@@ -48,28 +48,38 @@ def test_every_shipped_yaml_loads():
         assert yaml.safe_load((ROOT / f).read_text()) is not None, f
 
 
-@pytest.mark.slow
-def test_mlflow_run_evaluate_from_a_tmpfs_copy(mlflow_uri, tiny_dirs, ppl_text_file, tmp_path):
-    base = Path("/dev/shm") if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) else tmp_path
+@pytest.fixture(scope="module")
+def tmpfs_clone(tmp_path_factory):
+    """The tracked files copied onto tmpfs (where `mlproject/` beside `MLproject` would break)."""
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK) \
+        else tmp_path_factory.mktemp("clone")
     clone = base / f"mlproject-clone-{os.getpid()}"
     shutil.rmtree(clone, ignore_errors=True)
-    try:
-        for f in tracked_files():
-            (clone / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, clone / f)
-        bindir = Path(sys.executable).parent
-        env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "PATH": f"{bindir}:{os.environ['PATH']}"}
-        # mlflow.set_experiment in earlier in-process tests exports MLFLOW_EXPERIMENT_ID
-        for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-            env.pop(var, None)
-        cmd = [str(bindir / "mlflow"), "run", ".", "-e", "evaluate", "--env-manager", "local",
-               "--experiment-name", "mlflow-run-e2e",
-               "-P", f"model={tiny_dirs['qwen2']}", "-P", "tasks=mlp_capitals", "-P", "limit=4",
-               "-P", f"ppl_dataset={ppl_text_file}", "-P", "seqlen=32", "-P", "batch_size=4"]
-        out = subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True, timeout=600)
-        assert out.returncode == 0, out.stderr[-3000:]
-    finally:
-        shutil.rmtree(clone, ignore_errors=True)
+    for f in tracked_files():
+        (clone / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, clone / f)
+    yield clone
+    shutil.rmtree(clone, ignore_errors=True)
+
+
+def mlflow_run(clone: Path, uri: str, experiment: str, entry_point: str, **params) -> subprocess.CompletedProcess:
+    bindir = Path(sys.executable).parent
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{bindir}:{os.environ['PATH']}"}
+    # mlflow.set_experiment in earlier in-process tests exports MLFLOW_EXPERIMENT_ID
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        env.pop(var, None)
+    cmd = [str(bindir / "mlflow"), "run", ".", "-e", entry_point, "--env-manager", "local",
+           "--experiment-name", experiment]
+    for k, v in params.items():
+        cmd += ["-P", f"{k}={v}"]
+    return subprocess.run(cmd, cwd=clone, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_mlflow_run_evaluate_from_a_tmpfs_copy(tmpfs_clone, mlflow_uri, tiny_dirs, ppl_text_file):
+    out = mlflow_run(tmpfs_clone, mlflow_uri, "mlflow-run-e2e", "evaluate", model=tiny_dirs["qwen2"],
+                     tasks="mlp_capitals", limit=4, ppl_dataset=ppl_text_file, seqlen=32, batch_size=4)
+    assert out.returncode == 0, out.stderr[-3000:]
     client = mlflow_client(mlflow_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("mlflow-run-e2e").experiment_id])
     assert run.info.status == "FINISHED"
@@ -78,3 +88,28 @@ def test_mlflow_run_evaluate_from_a_tmpfs_copy(mlflow_uri, tiny_dirs, ppl_text_f
     assert {"ppl/sample", "mlp_capitals/acc", "avg_acc"} <= set(run.data.metrics)
     assert run.data.params["resolved.adapter"] == "none"  # mlflow logged the raw '' itself
     assert re.search(r"^\d+", run.data.params["ppl.windows"])
+
+
+@pytest.mark.slow
+def test_mlflow_run_main_runs_a_pipeline_under_the_run_mlflow_created(tmpfs_clone, mlflow_uri, tiny_dirs,
+                                                                      ppl_text_file, tmp_path):
+    pipeline = tmp_path / "two.yaml"
+    pipeline.write_text(f"""\
+name: two
+params: {{model: {tiny_dirs['llama']}, tasks: none, ppl_dataset: {ppl_text_file}, seqlen: 32}}
+steps:
+  quant: {{step: quantize, method: rtn, w_bits: 4, group_size: 32, evaluate: false}}
+  after: {{step: evaluate, model: "${{quant.model_uri}}"}}
+""")
+    # one -P set with two assignments, as a user types it
+    out = mlflow_run(tmpfs_clone, mlflow_uri, "mlflow-run-main", "main", pipeline=pipeline,
+                     set="quant.w_bits=8 after.seqlen=16")
+    assert out.returncode == 0, out.stderr[-3000:]
+    client = mlflow_client(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("mlflow-run-main").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("mlflow.project.entryPoint") == "main"]
+    assert parent.data.tags["mlproject.step"] == "pipeline" and parent.info.status == "FINISHED"
+    kids = {r.data.tags["mlproject.pipeline_step"]: r for r in runs
+            if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(kids) == {"quant", "after"} and len(runs) == 3
+    assert kids["quant"].data.params["w_bits"] == "8" and kids["after"].data.params["ppl.seqlen"] == "16"

@@ -81,7 +81,7 @@ def test_attaches_to_the_run_mlflow_run_created(mlflow_uri, monkeypatch):
     monkeypatch.setenv("MLFLOW_RUN_ID", created.info.run_id)
     with tracking.step_run("evaluate", log_env=False) as run:
         assert run.run_id == created.info.run_id
-        with tracking.step_run("child", nested=True, log_env=False) as child:
+        with tracking.step_run("child", log_env=False) as child:  # an active run is its parent
             pass
     assert "MLFLOW_RUN_ID" not in os.environ
     assert client.get_run(created.info.run_id).info.status == "FINISHED"

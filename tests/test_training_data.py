@@ -22,9 +22,9 @@ def write_jsonl(path, rows):
 
 def test_defaults_are_valid():
     cfg = FinetuneConfig()
-    assert (cfg.method, cfg.adapter, cfg.lora_r, cfg.lora_alpha, cfg.lr) == ("sft", "lora", 16, 32, 2e-4)
+    assert (cfg.method, cfg.finetuning, cfg.lora_r, cfg.lora_alpha, cfg.lr) == ("sft", "lora", 16, 32, 2e-4)
     assert cfg.max_steps == -1 and cfg.logging_steps == 1 and cfg.target_modules_value == "all-linear"
-    assert set(cfg.to_params()) >= {"method", "adapter", "lora_r", "lr", "beta", "merge", "resume"}
+    assert set(cfg.to_params()) >= {"method", "finetuning", "lora_r", "lr", "beta", "merge", "resume"}
 
 
 def test_target_modules_comma_list():
@@ -35,13 +35,13 @@ def test_target_modules_comma_list():
     ("kwargs", "needle"),
     [
         ({"method": "ppo"}, "method='ppo'"),
-        ({"adapter": "ia3"}, "adapter='ia3'"),
+        ({"finetuning": "ia3"}, "finetuning='ia3'"),
         ({"lora_r": 0}, "lora_r=0"),
         ({"lora_alpha": -1}, "lora_alpha=-1"),
         ({"lora_dropout": 1.0}, "lora_dropout=1.0"),
         ({"lr": 0}, "lr=0"),
         ({"lr": float("nan")}, "lr=nan"),
-        ({"batch_size": 0}, "batch_size=0"),
+        ({"train_batch_size": 0}, "train_batch_size=0"),
         ({"max_steps": 0}, "max_steps=0"),
         ({"epochs": 0}, "epochs=0"),
         ({"beta": -0.1}, "beta=-0.1"),
@@ -55,8 +55,8 @@ def test_bad_config_raises_user_error(kwargs, needle):
 
 
 def test_method_and_adapter_case_insensitive():
-    cfg = FinetuneConfig(method="DPO", adapter="QLoRA")
-    assert (cfg.method, cfg.adapter) == ("dpo", "qlora")
+    cfg = FinetuneConfig(method="DPO", finetuning="QLoRA")
+    assert (cfg.method, cfg.finetuning) == ("dpo", "qlora")
 
 
 # --- columns --------------------------------------------------------------------------------

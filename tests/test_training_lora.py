@@ -28,7 +28,7 @@ def sft_data(n=8):
 
 
 def cfg(**kw):
-    base = dict(max_steps=3, batch_size=2, lr=1e-2, lora_r=4, lora_alpha=8, lora_dropout=0.0, save_steps=0)
+    base = dict(max_steps=3, train_batch_size=2, lr=1e-2, lora_r=4, lora_alpha=8, lora_dropout=0.0, save_steps=0)
     base.update(kw)
     return FinetuneConfig(**base)
 
@@ -139,7 +139,7 @@ def test_full_finetune(tmp_path, tiny_tokenizer):
 
     model = tiny.make_model("llama")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    result = train(model, tiny_tokenizer, sft_data(), cfg(adapter="full", max_steps=2, lr=1e-3),
+    result = train(model, tiny_tokenizer, sft_data(), cfg(finetuning="full", max_steps=2, lr=1e-3),
                    output_dir=tmp_path / "ckpt")
     assert result.trainable_params == result.total_params == sum(p.numel() for p in before.values())
     unchanged = [n for n, p in result.model.named_parameters() if torch.equal(p, before[n])]
@@ -176,7 +176,7 @@ def test_sft_learns_toy_mapping(tmp_path, tiny_tokenizer):
     model = tiny.make_model("llama", seed=1, initializer_range=0.2)
     before = completion_accuracy(model, tiny_tokenizer)
     result = train(model, tiny_tokenizer, sft_data(8),
-                   cfg(max_steps=16, batch_size=4, lr=1e-2, lora_r=8, chat_template="off"),
+                   cfg(max_steps=16, train_batch_size=4, lr=1e-2, lora_r=8, chat_template="off"),
                    output_dir=tmp_path)
     after = completion_accuracy(result.model, tiny_tokenizer)
     assert before < 0.6 and after == 1.0, (before, after)
@@ -269,7 +269,7 @@ def test_bad_inputs(tmp_path, tiny_tokenizer):
         train(tiny.make_model("llama"), tiny_tokenizer, datasets.Dataset.from_list([{"prompt": "a"}]), cfg(),
               output_dir=tmp_path)
     with pytest.raises(UserError, match="4-bit"):
-        train(tiny.make_model("llama"), tiny_tokenizer, sft_data(), cfg(adapter="qlora"), output_dir=tmp_path)
+        train(tiny.make_model("llama"), tiny_tokenizer, sft_data(), cfg(finetuning="qlora"), output_dir=tmp_path)
     from peft import LoraConfig, get_peft_model
 
     frozen = get_peft_model(tiny.make_model("llama"), LoraConfig(r=2, target_modules="all-linear"))

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def cfg(**kw):
-    base = dict(adapter="qlora", max_steps=3, batch_size=2, lr=1e-2, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+    base = dict(finetuning="qlora", max_steps=3, train_batch_size=2, lr=1e-2, lora_r=4, lora_alpha=8, lora_dropout=0.0,
                 save_steps=0)
     base.update(kw)
     return FinetuneConfig(**base)

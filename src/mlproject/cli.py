@@ -8,47 +8,60 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import logging
 import os
 import signal
 import sys
 from typing import Any
 
-# step name -> (config class "module:Class", step module); imported only when used.
-STEPS: dict[str, tuple[str, str, str]] = {
-    "evaluate": ("mlproject.config:EvaluateConfig", "mlproject.steps.evaluate",
-                 "perplexity + lm-eval tasks of one model"),
-    "finetune": ("mlproject.config:FinetuneStepConfig", "mlproject.steps.finetune",
-                 "SFT / DPO with LoRA, QLoRA or full fine-tuning (trl), evaluated before/after"),
-    "quantize": ("mlproject.config:QuantizeConfig", "mlproject.steps.quantize",
-                 "weight quantization (RTN simulated, bitsandbytes nf4/fp4/int8) + evaluation"),
-    "prune": ("mlproject.config:PruneStepConfig", "mlproject.steps.prune",
-              "structured pruning to a fraction of parameters + evaluation"),
-    "compare": ("mlproject.config:CompareConfig", "mlproject.steps.compare",
-                "delta tables, rankings and plots from runs on the tracking server"),
-}
+from mlproject.steps import COMMANDS, STEPS, entry
 
 
 def config_class(step: str):
-    module, _, name = STEPS[step][0].partition(":")
-    return getattr(importlib.import_module(module), name)
+    return entry(step).config_class()
+
+
+def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": f.metadata.get("help", "")}
+        if f.type in ("bool", bool):
+            kwargs.update(nargs="?", const="true")
+        if f.metadata.get("repeat"):
+            # --set a=1 --set 'b=2 c=3': every value is a shell-quoted list of assignments,
+            # the same string MLproject passes once (-P set="b=2 c=3").
+            kwargs.update(action="append", default=[])
+        p.add_argument(flag, **kwargs)
+        if f.metadata.get("positional"):
+            p.add_argument(f"{f.name}_positional", nargs="?", default=None, metavar=f.name.upper(),
+                           help=f"same as {flag}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlproject", description="MLflow-tracked LLM experiments.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="step", required=True, metavar="STEP")
-    for step, (_, _, summary) in STEPS.items():
-        p = sub.add_parser(step, help=summary, description=config_class(step).__doc__,
+    for info in [*STEPS.values(), *COMMANDS.values()]:
+        cls = info.config_class()
+        p = sub.add_parser(info.name, help=info.summary, description=cls.__doc__,
+                           aliases=[info.entry_point] if info.entry_point else [],
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        for f in dataclasses.fields(config_class(step)):
-            flag = "--" + f.name.replace("_", "-")
-            kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": f.metadata.get("help", "")}
-            if f.type in ("bool", bool):
-                kwargs.update(nargs="?", const="true")
-            p.add_argument(flag, **kwargs)
+        p.set_defaults(step=info.name)
+        _add_config_flags(p, cls)
     return parser
+
+
+def config_values(args: argparse.Namespace) -> dict[str, Any]:
+    """Parsed flags → the config's keyword arguments (strings; the config coerces them)."""
+    values = {k: v for k, v in vars(args).items() if k not in ("step", "verbose")}
+    for name in [k for k in values if k.endswith("_positional")]:
+        positional = values.pop(name)
+        if positional is not None:
+            values[name[: -len("_positional")]] = positional
+    for name, value in values.items():
+        if isinstance(value, list):
+            values[name] = " ".join(value)
+    return {k: ("" if v is None else v) for k, v in values.items()}
 
 
 def _terminate(signum, frame):  # noqa: ARG001 - signal handler signature
@@ -57,7 +70,7 @@ def _terminate(signum, frame):  # noqa: ARG001 - signal handler signature
 
 
 def _summary(result: Any) -> str:
-    if hasattr(result, "text"):
+    if getattr(result, "text", None):
         return result.text
     lines = [f"run_id: {getattr(result, 'run_id', '?')}"]
     for name, value in sorted((getattr(result, "metrics", None) or {}).items()):
@@ -80,11 +93,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from mlproject.errors import StepFailed, UserError
 
-    values = {k: v for k, v in vars(args).items() if k not in ("step", "verbose")}
     try:
-        cfg = config_class(args.step)(**{k: ("" if v is None else v) for k, v in values.items()})
-        step = importlib.import_module(STEPS[args.step][1])
-        result = step.run(cfg)
+        info = entry(args.step)
+        cfg = info.config_class()(**config_values(args))
+        result = info.run(cfg)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

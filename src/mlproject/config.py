@@ -15,9 +15,13 @@ from mlproject.compression.bnb import BNB_METHODS
 from mlproject.errors import UserError
 
 
-def param(default: Any, help: str, choices: tuple | None = None, cli_only: bool = False):
-    """A config field with its documentation (and the choices the CLI/validation accept)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "cli_only": cli_only})
+def param(default: Any, help: str, choices: tuple | None = None, cli_only: bool = False,
+          positional: bool = False, repeat: bool = False):
+    """A config field with its documentation (and the choices the CLI/validation accept).
+    ``positional``: the CLI also takes it as a bare argument; ``repeat``: the CLI flag may be
+    given several times (joined shell-quoted into the one string MLproject passes)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "cli_only": cli_only,
+                                            "positional": positional, "repeat": repeat})
 
 
 def parse_bool(name: str, value: Any) -> bool:
@@ -76,7 +80,10 @@ class EvalOptions:
     ppl_dataset: str = param("offline", "perplexity text: offline, wikitext2, a .txt path, or none")
     seqlen: int = param(2048, "perplexity window length in tokens (capped by the model's context)")
     ppl_batch_size: int = param(1, "windows per forward pass when computing perplexity")
-    seed: int = param(42, "random seed (lm-eval sampling, few-shot order, torch)")
+    ppl_windows: int = param(0, "perplexity windows scored: 0 = every window of the text, N = the first N "
+                             "(a quick, still deterministic PPL)")
+    seed: int = param(42, "random seed of the run: lm-eval sampling and few-shot order, torch, calibration "
+                      "windows, and for finetune the LoRA init, data order and dropout")
 
     def __post_init__(self):
         coerce_fields(self)
@@ -88,6 +95,8 @@ class EvalOptions:
             raise UserError(f"seqlen {self.seqlen} must be at least 2")
         if self.ppl_batch_size < 1:
             raise UserError(f"ppl_batch_size {self.ppl_batch_size} must be at least 1")
+        if self.ppl_windows < 0:
+            raise UserError(f"ppl_windows {self.ppl_windows} must be 0 (all windows) or a positive count")
         if self.num_fewshot < -1:
             raise UserError(f"num_fewshot {self.num_fewshot} must be -1 (task default) or >= 0")
 
@@ -113,6 +122,9 @@ class EvaluateConfig(EvalOptions, ModelOptions, RunOptions):
         EvalOptions.__post_init__(self)
 
 
+EVALUATE_RESULT_HELP = "evaluate the step's output model (PPL + tasks) in the same run"
+
+
 def _field_default(cls, name: str) -> Any:
     return next(f.default for f in dataclasses.fields(cls) if f.name == name)
 
@@ -131,7 +143,7 @@ class QuantizeConfig(EvalOptions, ModelOptions, RunOptions):
     granularity: str = param("per_group", "rtn: per_group (one scale per group_size columns) or per_channel (per row)")
     modules: str = param("all-linear", "rtn: all-linear (every nn.Linear but the LM head) or a comma list of "
                          "layer-name substrings, e.g. q_proj,k_proj")
-    evaluate: bool = param(True, "evaluate the quantized model (PPL + tasks) in the same run")
+    evaluate: bool = param(True, EVALUATE_RESULT_HELP)
 
     RTN_ONLY = ("w_bits", "group_size", "scheme", "granularity", "modules")
 
@@ -170,7 +182,7 @@ class PruneStepConfig(EvalOptions, ModelOptions, RunOptions):
     calibration_samples: int = param(8, "importance=activation: calibration sequences (random windows of the text)")
     calibration_seqlen: int = param(256, "importance=activation: tokens per calibration sequence")
     keep_layers: int = param(0, "leave the first and last N decoder layers unpruned (N > 0: non-uniform sizes)")
-    evaluate: bool = param(True, "evaluate the pruned model (PPL + tasks) in the same run")
+    evaluate: bool = param(True, EVALUATE_RESULT_HELP)
 
     def __post_init__(self):
         EvalOptions.__post_init__(self)
@@ -203,7 +215,7 @@ def _train_default(name: str) -> Any:
 def _choices(name: str) -> tuple:
     from mlproject.training import config as tc
 
-    return {"method": tc.METHODS, "adapter": tc.ADAPTERS, "chat_template": tc.CHAT_TEMPLATE_MODES}[name]
+    return {"method": tc.METHODS, "finetuning": tc.FINETUNING, "chat_template": tc.CHAT_TEMPLATE_MODES}[name]
 
 
 @dataclass
@@ -211,15 +223,13 @@ class FinetuneStepConfig(EvalOptions, ModelOptions, RunOptions):
     """`finetune`: SFT or DPO (trl) with LoRA, QLoRA or full fine-tuning, optionally evaluated
     before and after in the same run; the result is logged as the run's `model` artifact."""
 
-    # Redefined from ModelOptions / EvalOptions: in a fine-tune these names mean training settings.
-    adapter: str = param(_train_default("adapter"), "lora (LoRA on the base as loaded), qlora (LoRA on a "
-                         "4-bit NF4 base, bitsandbytes) or full (every weight trains)", choices=_choices("adapter"))
-    batch_size: int = param(_train_default("batch_size"), "training examples per device per forward pass "
-                            "(lm-eval's batch size is eval_batch_size)")
-    seed: int = param(_train_default("seed"), "random seed: LoRA init, data order, dropout, lm-eval sampling")
-
     method: str = param(_train_default("method"), "sft (prompt/completion, messages, instruction/output or "
                         "text rows) or dpo (prompt/chosen/rejected rows)", choices=_choices("method"))
+    finetuning: str = param(_train_default("finetuning"), "lora (LoRA on the base as loaded), qlora (LoRA on a "
+                            "4-bit NF4 base, bitsandbytes) or full (every weight trains)",
+                            choices=_choices("finetuning"))
+    train_batch_size: int = param(_train_default("train_batch_size"), "training examples per device per forward "
+                                  "pass (batch_size is lm-eval's)")
     dataset: str = param("auto", "training data: offline:<name> (bundled), a .jsonl/.json/.parquet/.csv file, "
                          "a directory or a Hugging Face dataset id; auto = offline:<method>_mlp_nonce")
     lora_r: int = param(_train_default("lora_r"), "LoRA rank")
@@ -248,8 +258,6 @@ class FinetuneStepConfig(EvalOptions, ModelOptions, RunOptions):
     eval_before: bool = param(False, "evaluate the input model first (metrics before/<name>)")
     eval_after: bool = param(True, "evaluate the fine-tuned model (plain metric names, and delta/<name> "
                              "when eval_before is on)")
-    eval_batch_size: str = param(_field_default(EvalOptions, "batch_size"), "lm-eval batch size (an integer "
-                                 "or 'auto')")
 
     def __post_init__(self):
         coerce_fields(self)
@@ -261,9 +269,7 @@ class FinetuneStepConfig(EvalOptions, ModelOptions, RunOptions):
         return f"offline:{self.method}_mlp_nonce" if self.dataset.strip() in ("", "auto") else self.dataset.strip()
 
     def eval_options(self) -> EvalOptions:
-        return EvalOptions(tasks=self.tasks, limit=self.limit, num_fewshot=self.num_fewshot,
-                           batch_size=self.eval_batch_size, ppl_dataset=self.ppl_dataset, seqlen=self.seqlen,
-                           ppl_batch_size=self.ppl_batch_size, seed=self.seed)
+        return EvalOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EvalOptions)})
 
     def finetune_config(self, output_dir: str):
         from mlproject.training.config import FinetuneConfig
@@ -298,3 +304,21 @@ class CompareConfig:
     def __post_init__(self):
         coerce_fields(self)
         self.spec()  # validates view, format, directions with one clear line each
+
+
+@dataclass
+class PipelineConfig(RunOptions):
+    """`main` / `mlproject run`: a pipeline of steps from a YAML file, recorded as a parent run
+    with one child run per step; steps whose result already exists are reused."""
+
+    pipeline: str = param("pipelines/demo.yaml", "pipeline YAML file (or a name in pipelines/, e.g. demo)",
+                          positional=True)
+    set: str = param("", "overrides: key=value (every step that has the parameter) or <step>.key=value "
+                     "(one step); several separated by spaces (quote values with spaces), or --set repeated",
+                     repeat=True)
+    dry_run: bool = param(False, "print the resolved steps, their keys and what would be reused; run nothing")
+    no_reuse: bool = param(False, "recompute every step, even those whose result exists")
+    rerun: str = param("", "comma list of steps to recompute, with every step that depends on them")
+
+    def __post_init__(self):
+        coerce_fields(self)

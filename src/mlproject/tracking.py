@@ -10,6 +10,7 @@ Everything logged passes through :func:`redact`, so no credential reaches the se
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import math
@@ -185,6 +186,20 @@ def command_line() -> str:
     return redact(" ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]]))
 
 
+_EXTRA_TAGS: contextvars.ContextVar[dict] = contextvars.ContextVar("mlproject_extra_tags", default={})
+
+
+@contextlib.contextmanager
+def extra_tags(tags: Mapping[str, Any]) -> Iterator[None]:
+    """Tags every run opened inside the block gets from its first request (a pipeline names
+    the step a child run stands for, so even a child that fails at once carries it)."""
+    token = _EXTRA_TAGS.set({**_EXTRA_TAGS.get(), **tags})
+    try:
+        yield
+    finally:
+        _EXTRA_TAGS.reset(token)
+
+
 @contextlib.contextmanager
 def step_run(
     step: str,
@@ -192,41 +207,64 @@ def step_run(
     experiment: str | None = None,
     run_name: str | None = None,
     tags: Mapping[str, Any] | None = None,
-    nested: bool = False,
     log_env: bool = True,
     run_id: str | None = None,
+    parent: "Run | None" = None,
 ) -> Iterator[Run]:
     """Open (or attach to) the run for one step invocation and guarantee its final status.
 
-    ``run_id`` reopens an existing run (a resumed fine-tune continues its own run). Under
-    ``mlflow run`` the run MLflow created for this launch is then left with a tag
-    ``mlproject.continued_in`` pointing at the reopened run.
+    Where the run goes, first match wins:
+
+    * ``parent`` given, or a run already active in this process (a pipeline, a search
+      trial): a child run of it (``mlflow.parentRunId``), in the parent's experiment;
+      ``experiment`` is ignored — the tracking URI and experiment were set once, by whoever
+      opened the parent.
+    * ``run_id``: that existing run is reopened (a resumed fine-tune continues its own run).
+      Under ``mlflow run`` the run MLflow created for this launch is then left with a tag
+      ``mlproject.continued_in`` pointing at the reopened run.
+    * under ``mlflow run`` (``MLFLOW_RUN_ID``): the run MLflow created.
+    * else a new run in ``experiment`` (default ``$MLFLOW_EXPERIMENT_NAME`` or ``mlproject``).
     """
     import mlflow
+    from mlflow.tracking import MlflowClient
 
-    launcher_id = None if nested else os.environ.get("MLFLOW_RUN_ID")
-    attach_id = run_id or launcher_id
-    if attach_id:
-        from mlflow.tracking import MlflowClient
-
-        # The attached run decides the experiment, whatever was set earlier in this process.
-        mlflow.set_experiment(experiment_id=MlflowClient().get_run(attach_id).info.experiment_id)
-        active = mlflow.start_run(run_id=attach_id)
-        # mlflow run sets MLFLOW_RUN_ID for us; left in place it would override the parent
-        # of any nested run we open later (mlflow#15713).
+    active = mlflow.active_run()
+    if parent is None and active is not None:
+        parent = Run(active.info.run_id, active.info.experiment_id)
+    if parent is not None:
+        # mlflow run's MLFLOW_RUN_ID would override the parent of a nested run (mlflow#15713).
         os.environ.pop("MLFLOW_RUN_ID", None)
-        if launcher_id and launcher_id != attach_id:
-            with contextlib.suppress(Exception):
-                MlflowClient().set_tag(launcher_id, f"{TAG_PREFIX}continued_in", attach_id)
+        if run_id:
+            started = mlflow.start_run(run_id=run_id, nested=active is not None)
+        elif active is not None:
+            if active.info.run_id != parent.run_id:
+                raise RuntimeError(f"run {active.info.run_id} is active, not the parent {parent.run_id}")
+            started = mlflow.start_run(experiment_id=parent.experiment_id, run_name=run_name, nested=True)
+        else:
+            started = mlflow.start_run(experiment_id=parent.experiment_id, run_name=run_name,
+                                       parent_run_id=parent.run_id)
     else:
-        if not nested and mlflow.active_run() is None:
+        launcher_id = os.environ.get("MLFLOW_RUN_ID")
+        attach_id = run_id or launcher_id
+        if attach_id:
+            # The attached run decides the experiment, whatever was set earlier in this process.
+            mlflow.set_experiment(experiment_id=MlflowClient().get_run(attach_id).info.experiment_id)
+            started = mlflow.start_run(run_id=attach_id)
+            # mlflow run sets MLFLOW_RUN_ID for us; left in place it would override the parent
+            # of any nested run we open later (mlflow#15713).
+            os.environ.pop("MLFLOW_RUN_ID", None)
+            if launcher_id and launcher_id != attach_id:
+                with contextlib.suppress(Exception):
+                    MlflowClient().set_tag(launcher_id, f"{TAG_PREFIX}continued_in", attach_id)
+        else:
             name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
             mlflow.set_experiment(name)
-        active = mlflow.start_run(run_name=run_name, nested=nested)
-    run = Run(active.info.run_id, active.info.experiment_id)
+            started = mlflow.start_run(run_name=run_name)
+    run = Run(started.info.run_id, started.info.experiment_id)
     status = "FAILED"
     try:
-        base_tags = {f"{TAG_PREFIX}step": step, f"{TAG_PREFIX}command": command_line(), **(tags or {})}
+        base_tags = {f"{TAG_PREFIX}step": step, f"{TAG_PREFIX}command": command_line(), **_EXTRA_TAGS.get(),
+                     **(tags or {})}
         if run_name:
             base_tags["mlflow.runName"] = run_name
         run.set_tags(base_tags)
@@ -244,7 +282,12 @@ def step_run(
         _record_error(run, exc)
         raise
     finally:
-        mlflow.end_run(status=status)
+        # End exactly this run (a child must not end its parent, whatever happened inside).
+        if mlflow.active_run() is not None and mlflow.active_run().info.run_id == run.run_id:
+            mlflow.end_run(status=status)
+        else:
+            with contextlib.suppress(Exception):
+                MlflowClient().set_terminated(run.run_id, status=status)
 
 
 def _record_error(run: Run, exc: BaseException | str) -> None:
@@ -305,6 +348,20 @@ def last_metric_step(run_id: str, key: str) -> int:
     return max((int(m.step) for m in history), default=0)
 
 
+def find_experiment_id(name: str) -> str | None:
+    """The id of an existing, active experiment (None: it does not exist; nothing is created)."""
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient().get_experiment_by_name(name)
+    return exp.experiment_id if exp is not None and exp.lifecycle_stage == "active" else None
+
+
+def run_experiment_id(run_id: str) -> str:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient().get_run(run_id).info.experiment_id
+
+
 def experiment_name(experiment_id: str) -> str:
     from mlflow.tracking import MlflowClient
 
@@ -332,6 +389,76 @@ def check_model_uri(uri: str) -> None:
                 client.get_model_version(*body.split("/", 1))
     except MlflowException as exc:
         raise UserError(f"model {uri!r} not found on the tracking server: {str(exc).splitlines()[0]}") from None
+
+
+def upstream_key(ref: str) -> str | None:
+    """The reuse key (tag ``mlproject.cache_key``) of the run behind ``runs:/<id>…`` or
+    ``models:/<name>@<alias>`` / ``models:/<name>/<version>``; None when it has none (or
+    cannot be found: the reference check reports that)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    try:
+        if ref.startswith("models:/"):
+            body = ref[len("models:/"):]
+            if "@" in body:
+                mv = client.get_model_version_by_alias(*body.split("@", 1))
+            else:
+                name, version = body.split("/", 1)
+                mv = client.get_model_version(name, version.split("/")[0])
+            run_id = mv.run_id
+        else:
+            run_id = ref[len("runs:/"):].split("/")[0]
+        if not run_id:
+            return None
+        return client.get_run(run_id).data.tags.get(f"{TAG_PREFIX}cache_key")
+    except (MlflowException, IndexError, ValueError):
+        return None
+
+
+def find_reusable(key: str, experiment_id: str) -> dict | None:
+    """The newest FINISHED run of ``experiment_id`` whose ``mlproject.cache_key`` tag equals
+    ``key`` exactly: ``{"run_id", "metrics", "tags"}``, or None."""
+    from mlflow.tracking import MlflowClient
+
+    runs = MlflowClient().search_runs(
+        [experiment_id], filter_string=f"tags.`{TAG_PREFIX}cache_key` = '{key}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        return None
+    run = runs[0]
+    return {"run_id": run.info.run_id, "metrics": dict(run.data.metrics), "tags": dict(run.data.tags),
+            "params": dict(run.data.params), "run_name": run.info.run_name}
+
+
+def record_reuse(parent: Run, step: str, original: Mapping[str, Any], run_name: str,
+                 extra_tags: Mapping[str, Any] | None = None) -> str:
+    """A FINISHED child run of ``parent`` standing for a reused step: the original's params,
+    lineage tags and latest metrics copied (so the pipeline's tree shows the numbers), tagged
+    ``mlproject.reused_from``. It carries no ``cache_key`` (it is not a result of its own), and
+    compare leaves such runs out (the original is the result)."""
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    tags = {k: v for k, v in original["tags"].items()
+            if k.startswith(TAG_PREFIX) and k not in (f"{TAG_PREFIX}cache_key", f"{TAG_PREFIX}error")}
+    tags.update({f"{TAG_PREFIX}step": step, f"{TAG_PREFIX}reused_from": original["run_id"],
+                 f"{TAG_PREFIX}reused_key": original["tags"].get(f"{TAG_PREFIX}cache_key", ""),
+                 "mlflow.parentRunId": parent.run_id, **(extra_tags or {})})
+    created = client.create_run(parent.experiment_id, run_name=run_name,
+                                tags={k: str(v) for k, v in tags.items()})
+    run_id = created.info.run_id
+    now = int(__import__("time").time() * 1000)
+    params = [Param(k, v) for k, v in original["params"].items()]
+    metrics = [Metric(k, float(v), now, 0) for k, v in original["metrics"].items()]
+    for i in range(0, max(len(params), 1), 100):
+        client.log_batch(run_id, params=params[i:i + 100], synchronous=True)
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i:i + 1000], synchronous=True)
+    client.set_terminated(run_id, status="FINISHED")
+    return run_id
 
 
 def register_model(run_id: str, name: str, alias: str | None = None, path: str = "model") -> str:

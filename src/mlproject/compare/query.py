@@ -51,6 +51,7 @@ TAG_KEYS = {
     "avg_acc_metrics": "mlproject.avg_acc_metrics",
     "parent_run": "mlflow.parentRunId",
 }
+REUSED_TAG = "mlproject.reused_from"
 RUN_COLUMNS = ["run_name", "experiment_id", "experiment", "status", "start_time", "end_time",
                *TAG_KEYS, "in_scope"]
 
@@ -174,7 +175,7 @@ def fetch_runs(
     page_size: int = DEFAULT_PAGE_SIZE,
     parallel: int = DEFAULT_PARALLEL,
     exclude_run_ids: Iterable[str] = (),
-    exclude_steps: Iterable[str] = ("compare",),
+    exclude_steps: Iterable[str] = ("compare", "pipeline", "search"),
     lineage: bool = True,
 ) -> RunSet:
     """Search the tracking server; see the module docstring. Raises UserError on bad input."""
@@ -217,8 +218,11 @@ def fetch_runs(
 
     excluded = set(exclude_run_ids)
     steps_out = set(exclude_steps)
+    # A pipeline's record of a reused step copies the original run's numbers: the original
+    # is the result, so the copy is left out (as are compare runs and pipeline parents).
     scope = {rid: r for rid, r in runs.items()
-             if rid not in excluded and r["tags"].get(TAG_KEYS["step"]) not in steps_out}
+             if rid not in excluded and r["tags"].get(TAG_KEYS["step"]) not in steps_out
+             and REUSED_TAG not in r["tags"]}
 
     extra: dict[str, object] = {}
     if lineage and scope:

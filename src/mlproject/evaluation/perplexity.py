@@ -83,8 +83,10 @@ def perplexity(
     batch_size: int = 1,
     dataset: str = "text",
     on_batch: Callable[[int], None] | None = None,
+    max_windows: int = 0,
 ) -> PPLResult:
-    """Score `ids` (1-D tensor of token ids) in windows of `seqlen`, `batch_size` at a time."""
+    """Score `ids` (1-D tensor of token ids) in windows of `seqlen`, `batch_size` at a time;
+    `max_windows` > 0 scores only the first that many windows."""
     ids = ids.reshape(-1)
     if ids.numel() < 2:
         raise UserError(f"ppl_dataset {dataset!r} has fewer than 2 tokens")
@@ -92,6 +94,8 @@ def perplexity(
         log.warning("text has %d tokens < seqlen %d; using one window of %d", ids.numel(), seqlen, ids.numel())
         seqlen = ids.numel()
     windows = make_windows(ids, seqlen)
+    if max_windows > 0:
+        windows = windows[:max_windows]
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     for start in range(0, windows.size(0), batch_size):

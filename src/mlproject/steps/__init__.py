@@ -1,0 +1,123 @@
+"""The step contract and the step registry.
+
+Every step is a module with ``run(cfg, parent=None) -> StepResult``: ``cfg`` is the step's
+config dataclass (``mlproject.config``), ``parent`` an open :class:`mlproject.tracking.Run`
+under which the step's run becomes a child (pipelines, search trials), else the step opens
+(or, under ``mlflow run``, attaches to) a top-level run. Steps never parse argv; the CLI,
+the MLproject file, pipelines and the search all go through this registry, so a step added
+here is reachable from all of them.
+
+Entries are ``"module:object"`` strings resolved lazily (as lm-eval's registry does), so
+listing steps or building ``mlproject --help`` imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlproject.errors import UserError
+
+
+@dataclass
+class StepResult:
+    """What every step returns (and what a pipeline hands to the steps after it).
+
+    step: the registry name (``evaluate``, ``prune`` …).
+    run_id: the run that holds the results. For a reused step, the original run (whose
+        metrics and artifacts are the results); ``reused_from`` is then set too, and
+        ``record_run_id`` is the child run that records the reuse.
+    status: the MLflow status of that run (``FINISHED`` for any result returned).
+    metrics: as logged on the run (latest value per key).
+    model_uri: ``runs:/<run_id>/model`` when the step produced a model, or the model it
+        evaluated; None for steps without one (compare).
+    key: the step's reuse key (tag ``mlproject.cache_key``), None where the step has none.
+    details: step-specific values (finetune: ``global_step``, ``final_loss``,
+        ``output_dir``; compare: ``files``, ``stats``).
+    text: what the CLI prints instead of the metric list (compare's Markdown), if anything.
+    model: the model object still in memory, for in-process callers (finetune), else None.
+    """
+
+    step: str
+    run_id: str
+    status: str = "FINISHED"
+    metrics: dict[str, float] = field(default_factory=dict)
+    model_uri: str | None = None
+    key: str | None = None
+    reused_from: str | None = None
+    record_run_id: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    text: str | None = None
+    model: Any = field(default=None, repr=False)
+
+    @property
+    def avg_acc(self) -> float | None:
+        return self.metrics.get("avg_acc")
+
+    @property
+    def ppl(self) -> dict[str, float]:
+        """``{dataset: ppl}`` from the ``ppl/<dataset>`` metrics."""
+        return {k[len("ppl/"):]: v for k, v in self.metrics.items() if k.startswith("ppl/")}
+
+    @property
+    def reused(self) -> bool:
+        return self.reused_from is not None
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """One registry entry: the config class and the module whose ``run`` executes it."""
+
+    name: str
+    config: str  # "module:Class"
+    module: str  # module with run(cfg, parent=None) -> StepResult
+    summary: str
+    produces_model: bool = False  # the run logs a `model` artifact the next step can take
+    entry_point: str | None = None  # MLproject entry point name when it differs from `name`
+
+    def config_class(self) -> type:
+        module, _, name = self.config.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+    def load(self):
+        return importlib.import_module(self.module)
+
+    def run(self, cfg: Any, parent: Any = None) -> StepResult:
+        return self.load().run(cfg, parent=parent)
+
+
+#: Steps a pipeline can chain (and the CLI's step subcommands), in the order shown by --help.
+STEPS: dict[str, StepInfo] = {s.name: s for s in (
+    StepInfo("evaluate", "mlproject.config:EvaluateConfig", "mlproject.steps.evaluate",
+             "perplexity + lm-eval tasks of one model"),
+    StepInfo("finetune", "mlproject.config:FinetuneStepConfig", "mlproject.steps.finetune",
+             "SFT / DPO with LoRA, QLoRA or full fine-tuning (trl), evaluated before/after",
+             produces_model=True),
+    StepInfo("quantize", "mlproject.config:QuantizeConfig", "mlproject.steps.quantize",
+             "weight quantization (RTN simulated, bitsandbytes nf4/fp4/int8) + evaluation",
+             produces_model=True),
+    StepInfo("prune", "mlproject.config:PruneStepConfig", "mlproject.steps.prune",
+             "structured pruning to a fraction of parameters + evaluation", produces_model=True),
+    StepInfo("compare", "mlproject.config:CompareConfig", "mlproject.steps.compare",
+             "delta tables, rankings and plots from runs on the tracking server"),
+)}
+
+#: Commands that compose steps: the CLI subcommand name → its entry (MLproject `main` for `run`).
+COMMANDS: dict[str, StepInfo] = {s.name: s for s in (
+    StepInfo("run", "mlproject.config:PipelineConfig", "mlproject.pipeline.runner",
+             "a pipeline: chained steps from a YAML file, finished steps reused", entry_point="main"),
+)}
+
+
+def get(name: str) -> StepInfo:
+    """The registry entry for ``name``; an unknown name lists the known ones."""
+    try:
+        return STEPS[name]
+    except KeyError:
+        raise UserError(f"unknown step {name!r}; known steps: {', '.join(STEPS)}") from None
+
+
+def entry(name: str) -> StepInfo:
+    """A step or a command (CLI subcommands)."""
+    return STEPS.get(name) or COMMANDS.get(name) or get(name)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import gc
 import logging
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,21 +14,12 @@ from mlproject import tracking
 from mlproject.errors import UserError
 from mlproject.models import loading
 from mlproject.models.reference import ModelRef, alias_table, resolve
-from mlproject.steps import common
+from mlproject.steps import StepResult, common
 from mlproject.steps.evaluate import EvalOutcome, EvalPlan, evaluate_loaded, report
 
 log = logging.getLogger(__name__)
 
 T = tracking.TAG_PREFIX
-
-
-@dataclass
-class CompressResult:
-    run_id: str
-    model_uri: str  # runs:/<run_id>/model, the input of the next step
-    metrics: dict[str, float] = field(default_factory=dict)
-    avg_acc: float | None = None
-    ppl: dict[str, float] = field(default_factory=dict)
 
 
 def peek_config(ref: ModelRef, step: str):
@@ -109,10 +99,10 @@ def log_model(run: tracking.Run, loaded: loading.LoadedModel, ref: ModelRef) -> 
 
 def finish(run: tracking.Run, *, step: str, title: str, loaded: loading.LoadedModel, plan: EvalPlan,
            evaluate: bool, report_params: dict, metrics: dict[str, float], section: tuple[str, str],
-           model_uri: str) -> CompressResult:
+           model_uri: str, memory: common.PeakMemory, key: str) -> StepResult:
     """Evaluate (unless told not to), log the metrics and write report.md."""
     out = evaluate_loaded(loaded, plan, run) if evaluate else EvalOutcome()
-    system = {**metrics, **common.peak_memory()}
+    system = {**metrics, **memory.peak()}
     if evaluate:
         system["eval_seconds"] = out.seconds
     run.log_metrics(system)
@@ -121,5 +111,5 @@ def finish(run: tracking.Run, *, step: str, title: str, loaded: loading.LoadedMo
         body += "\n\nNot evaluated (evaluate=false); run `evaluate` on the model artifact later."
     md = report(title, run, step, report_params, plan, out, system, extra_sections={heading: body})
     run.log_text(md, "report.md")
-    return CompressResult(run_id=run.run_id, model_uri=model_uri, metrics={**out.metrics, **system},
-                          avg_acc=out.avg_acc, ppl={p.dataset: p.ppl for p in out.ppl})
+    return StepResult(step=step, run_id=run.run_id, model_uri=model_uri, metrics={**out.metrics, **system},
+                      key=key)

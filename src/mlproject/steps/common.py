@@ -1,15 +1,14 @@
-"""Pieces every step shares: run naming, lineage tags, memory figures, progress bars."""
+"""Pieces every step shares: run naming, lineage tags, pre-run checks, memory figures."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import resource
-import sys
-from typing import Any, Iterator
+import threading
+from typing import Any
 
 from mlproject import tracking
+from mlproject.progress import progress  # noqa: F401 - steps use common.progress
 from mlproject.models.loading import LoadedModel
 from mlproject.models.reference import ModelRef
 
@@ -50,53 +49,129 @@ def check_model_args(model: str, adapter: str, device: str, dtype: str):
     return ref, device, loading.pick_dtype(dtype, device)
 
 
-def check_tracking(tracking_uri: str, ref: ModelRef, adapter: str = "") -> None:
-    """The tracking server answers and the runs:/ / models:/ references exist on it."""
-    tracking.check_server(tracking_uri or None)
-    check_remote_refs(ref, adapter)
+def check_tracking(tracking_uri: str, ref: ModelRef, adapter: str = "", parent: Any = None,
+                   pending: frozenset[str] = frozenset()) -> None:
+    """The tracking server answers and the runs:/ / models:/ references exist on it. Under a
+    parent run (pipeline, search trial) the server was checked once, by whoever opened it.
+    ``pending``: run ids that do not exist yet (a pipeline's later steps, checked up front)."""
+    if parent is None:
+        tracking.check_server(tracking_uri or None)
+    check_remote_refs(ref, adapter, pending)
 
 
-def check_remote_refs(ref: ModelRef, adapter: str = "") -> None:
+def check_remote_refs(ref: ModelRef, adapter: str = "", pending: frozenset[str] = frozenset()) -> None:
     """runs:/ and models:/ references must exist before a run is opened."""
     from mlproject.models.loading import resolve_adapter
 
     refs = [ref] + ([resolve_adapter(adapter)] if adapter else [])
     for r in refs:
-        if r.kind in ("run", "registry"):
+        if r.kind in ("run", "registry") and r.run_id not in pending:
             tracking.check_model_uri(r.target)
 
 
 def cache_key(**parts: Any) -> str:
-    """A stable hash of what determines a run's numbers (to spot repeated work)."""
+    """A stable short hash of ``parts`` (names checkpoint folders)."""
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def reset_peak_memory() -> None:
-    import torch
+def step_key(step: str, cfg: Any, upstream_key: Any = None) -> str:
+    """The reuse key of running ``step`` with ``cfg`` (tag ``mlproject.cache_key``; see
+    ``mlproject.reuse``). ``device``/``dtype`` count as what ``auto`` resolves to here; run
+    and registry references count by the key of the run behind them (``upstream_key``,
+    default: the tag on the tracking server)."""
+    from mlproject import reuse
 
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    resolved: dict[str, Any] = {}
+    if hasattr(cfg, "device") and hasattr(cfg, "dtype"):
+        from mlproject.models import loading
 
-
-def peak_memory() -> dict[str, float]:
-    """peak_vram_mb on CUDA (torch allocator peak) and peak_rss_mb of this process."""
-    import torch
-
-    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
-    if sys.platform == "darwin":  # macOS reports bytes
-        out["peak_rss_mb"] /= 1024.0
-    if torch.cuda.is_available():
-        out["peak_vram_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    return out
+        device = loading.pick_device(cfg.device)
+        resolved = {"device": device, "dtype": str(loading.pick_dtype(cfg.dtype, device)).removeprefix("torch.")}
+    return reuse.step_key(step, reuse.canonical_params(cfg, resolved, upstream_key or tracking.upstream_key))
 
 
-@contextlib.contextmanager
-def progress(description: str, total: int) -> Iterator[Any]:
-    """A rich progress bar on stderr; yields advance(n). Silent when stderr is not a TTY."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+class PeakMemory:
+    """Peak memory of *one step*, not of the process.
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n=1: bar.advance(task, n)
+    ``peak_rss_mb``: the largest resident set size of this process between ``start()`` and
+    the read. On Linux the kernel's high-water mark (VmHWM) is reset at the start (``5`` to
+    ``/proc/self/clear_refs``) and read at the end, which catches even brief peaks; a daemon
+    thread also samples the RSS every ``interval`` seconds (the only source where the reset is
+    not allowed, and a guard when another monitor resets the mark in between).
+    ``ru_maxrss`` is never used: it is the peak of the whole process lifetime, so in a
+    pipeline every later step would inherit the largest earlier one.
+    ``peak_vram_mb`` (CUDA only): the torch allocator peak, reset at the start.
+    """
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = interval
+        self._max_rss = 0
+        self._hwm_reset = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "PeakMemory":
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._hwm_reset = _reset_hwm()
+        self._max_rss = _rss()
+        self._thread = threading.Thread(target=self._sample, name="peak-memory", daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._max_rss = max(self._max_rss, _rss())
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=1.0)
+
+    def peak(self) -> dict[str, float]:
+        """The peaks so far: ``peak_rss_mb`` always, ``peak_vram_mb`` on CUDA."""
+        import torch
+
+        rss = max(self._max_rss, _rss())
+        if self._hwm_reset:
+            rss = max(rss, _hwm() or 0)
+        out = {"peak_rss_mb": rss / 2**20}
+        if torch.cuda.is_available():
+            out["peak_vram_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        return out
+
+    def __enter__(self) -> "PeakMemory":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _hwm() -> int | None:
+    """VmHWM of this process in bytes (Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None

@@ -9,48 +9,45 @@ by the MLflow UI's artifact viewer) and the query statistics as metrics.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from mlproject import tracking
 from mlproject.config import CompareConfig
+from mlproject.steps import StepResult
 
 
-@dataclass
-class CompareRunResult:
-    run_id: str
-    markdown: str
-    files: list[str]
-    stats: dict
-
-    @property
-    def text(self) -> str:
-        """What the CLI prints: the Markdown tables."""
-        return self.markdown + f"\nrun_id: {self.run_id}\n"
+def check(cfg: CompareConfig, parent: tracking.Run | None = None, pending: frozenset[str] = frozenset()) -> None:
+    """Cheap checks (the config validated views, formats and directions; the query itself
+    needs the runs, so it happens in run())."""
+    if parent is None:
+        tracking.check_server(cfg.tracking_uri or None)
 
 
-def run(cfg: CompareConfig) -> CompareRunResult:
+def run(cfg: CompareConfig, parent: tracking.Run | None = None) -> StepResult:
+    """Query, tabulate, record. ``result.text`` is the Markdown (what the CLI prints);
+    ``details`` holds ``markdown``, ``files`` (artifact names) and the query ``stats``."""
     from mlproject.compare import build
 
     spec = cfg.spec()
-    tracking.check_server(cfg.tracking_uri or None)
+    check(cfg, parent)
     result = build(None, spec)
     scope = ",".join(spec.experiments) or ",".join(r[:8] for r in spec.runs)
     experiment = spec.experiments[0] if spec.experiments else None
     if experiment and experiment.isdigit():
         experiment = tracking.experiment_name(experiment)
     with tracking.step_run("compare", experiment=experiment, run_name=cfg.run_name or f"compare:{scope}",
-                           log_env=False) as run:
+                           log_env=False, parent=parent) as run:
         run.log_params({"experiment": cfg.experiment, "runs": cfg.runs, "filter": cfg.filter,
                         "baseline": cfg.baseline, "view": ",".join(spec.view),
                         "metrics": cfg.metrics, "directions": cfg.directions,
                         "format": ",".join(spec.formats)})
-        run.log_metrics({f"compare/{k}": v for k, v in result.stats.items()
-                         if isinstance(v, (int, float))})
+        stats = {f"compare/{k}": v for k, v in result.stats.items() if isinstance(v, (int, float))}
+        run.log_metrics(stats)
         with tempfile.TemporaryDirectory(prefix="mlproject-compare-") as tmp:
             paths = result.write(Path(tmp), spec.formats)
             run.log_artifacts(tmp)
             markdown = result.markdown()
             run.log_text(markdown, "report.md")
-        return CompareRunResult(run_id=run.run_id, markdown=markdown,
-                                files=[p.name for p in paths], stats=result.stats)
+        return StepResult(step="compare", run_id=run.run_id, metrics=stats,
+                          text=markdown + f"\nrun_id: {run.run_id}\n",
+                          details={"markdown": markdown, "files": [p.name for p in paths], "stats": result.stats})

@@ -17,7 +17,7 @@ What the run holds
 * Before / after (``eval_before`` / ``eval_after``: the evaluate step's code, same tasks,
   limit and PPL text):
 
-  - ``before/<metric>``: the input model as given (for ``adapter=qlora``: the full-precision
+  - ``before/<metric>``: the input model as given (for ``finetuning=qlora``: the full-precision
     input, loaded once for this and freed, so the delta is what the user gets from the
     artifact), logged at step 0;
   - ``<metric>`` (no prefix): the fine-tuned model as logged, logged at the final optimizer
@@ -26,15 +26,16 @@ What the run holds
   - ``delta/<metric>`` = after − before for ``ppl/<dataset>``, ``avg_acc`` and each task's
     preferred metric (the one ``avg_acc`` used, e.g. ``mlp_nonce/acc_norm``).
 * Summary: ``train_seconds``, ``train_steps``, ``trainable_params``, ``total_params``,
-  ``trainable_pct``, ``peak_rss_mb`` (CPU) or ``peak_vram_mb`` (CUDA) during training,
+  ``trainable_pct``, ``train/peak_rss_mb`` (CPU) or ``train/peak_vram_mb`` (CUDA) during
+  training, ``peak_rss_mb`` / ``peak_vram_mb`` of the whole step (loading and evaluation too),
   ``train/final_loss``, ``params_b``, ``model_size_mb`` (of the output model).
 * Tags: the lineage (``common.lineage_tags`` with role ``finetuned``, ``mlproject.upstream_run``
-  when the input is a run's model), ``mlproject.method``, ``mlproject.adapter_kind``,
-  ``mlproject.cache_key``; on failure ``mlproject.error`` and status FAILED (a NaN/inf loss
+  when the input is a run's model), ``mlproject.method``,
+  ``mlproject.finetuning``, ``mlproject.cache_key``; on failure ``mlproject.error`` and status FAILED (a NaN/inf loss
   stops training and raises :class:`~mlproject.training.TrainingDiverged`).
 * Artifacts: ``model/`` — the LoRA adapter (with ``mlproject_model.json`` naming the base
   reference, plus ``quantization: nf4`` for QLoRA) or, with ``merge=true`` or
-  ``adapter=full``, full weights; with merge the adapter also goes to ``adapter/``. Any step
+  ``finetuning=full``, full weights; with merge the adapter also goes to ``adapter/``. Any step
   loads it as ``runs:/<run_id>/model``. Also ``report.md``, ``env.json`` and lm-eval JSONs.
 
 Resume
@@ -63,7 +64,7 @@ import logging
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,7 @@ from mlproject.config import FinetuneStepConfig
 from mlproject.errors import UserError
 from mlproject.models import loading
 from mlproject.models.reference import ModelRef, resolve
-from mlproject.steps import common
+from mlproject.steps import StepResult, common
 from mlproject.steps import evaluate as ev
 from mlproject.training import datasets as tdata
 
@@ -83,24 +84,9 @@ RUN_ID_FILE = "mlflow_run_id.txt"
 DEFAULT_OUTPUT_ROOT = Path("outputs") / "finetune"
 # Settings that shape the trained weights: they name the default checkpoint folder. The
 # length of training (max_steps, epochs) is left out so a longer resume finds the folder.
-CHECKPOINT_KEY_FIELDS = ("model", "method", "adapter", "lora_r", "lora_alpha", "lora_dropout",
-                         "target_modules", "lr", "batch_size", "grad_accum", "max_length", "beta", "seed",
+CHECKPOINT_KEY_FIELDS = ("model", "adapter", "method", "finetuning", "lora_r", "lora_alpha", "lora_dropout",
+                         "target_modules", "lr", "train_batch_size", "grad_accum", "max_length", "beta", "seed",
                          "chat_template", "dtype")
-
-
-@dataclass
-class FinetuneResult:
-    run_id: str
-    model_uri: str
-    """``runs:/<run_id>/model``."""
-    global_step: int
-    final_loss: float | None
-    output_dir: str
-    """The checkpoint folder (what ``resume`` looks at)."""
-    metrics: dict[str, float] = field(default_factory=dict)
-    """As logged: the training summary, after-metrics (plain names), ``before/…``, ``delta/…``."""
-    model: Any = field(default=None, repr=False)
-    """The fine-tuned model in memory (what was logged), for callers that keep using it."""
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -219,7 +205,8 @@ def _load(ref: ModelRef, cfg: FinetuneStepConfig, device: str, quantized: bool) 
         from mlproject.training import qlora_quantization_config
 
         kwargs["quantization_config"] = qlora_quantization_config()
-    return loading.load_model(ref, dtype=cfg.dtype, device=device, fetch=tracking.download, **kwargs)
+    return loading.load_model(ref, dtype=cfg.dtype, device=device, adapter=cfg.adapter or None,
+                              fetch=tracking.download, **kwargs)
 
 
 def _empty_cuda_cache() -> None:
@@ -235,11 +222,10 @@ def _is_peft(model: Any) -> bool:
     return isinstance(model, PeftModel)
 
 
-def run(cfg: FinetuneStepConfig, *, callbacks: list[Any] | None = None) -> FinetuneResult:
-    """Fine-tune ``cfg.model`` and record it as one MLflow run (see the module docstring).
-
-    ``callbacks``: extra transformers ``TrainerCallback``s (tests, search pruning).
-    """
+def check(cfg: FinetuneStepConfig, parent: tracking.Run | None = None, pending: frozenset[str] = frozenset()):
+    """Every cheap check, before a run or weights exist: reference, hyper-parameters, the
+    dataset's columns, eval tasks, the tracking server. Returns (ref, dataset spec, plan,
+    device, torch dtype)."""
     # Everything cheap first: a bad value fails here, before a run or weights exist.
     ref = resolve(cfg.model)
     spec = cfg.dataset_spec
@@ -248,36 +234,47 @@ def run(cfg: FinetuneStepConfig, *, callbacks: list[Any] | None = None) -> Finet
         fmt = tdata.validate_columns(columns, cfg.method)
         log.info("dataset %s: %s rows (%s)", spec, fmt, ", ".join(columns))
     plan = ev.plan_eval(cfg.eval_options())
-    _, device, _ = common.check_model_args(cfg.model, "", cfg.device, cfg.dtype)
-    if cfg.adapter == "qlora":
+    _, device, dtype = common.check_model_args(cfg.model, cfg.adapter, cfg.device, cfg.dtype)
+    if cfg.finetuning == "qlora":
         import importlib.util
 
         if importlib.util.find_spec("bitsandbytes") is None:
-            raise UserError("adapter=qlora needs bitsandbytes: pip install bitsandbytes")
-    common.check_tracking(cfg.tracking_uri, ref)
+            raise UserError("finetuning=qlora needs bitsandbytes: pip install bitsandbytes")
+    common.check_tracking(cfg.tracking_uri, ref, cfg.adapter, parent=parent, pending=pending)
+    return ref, spec, plan, device, dtype
+
+
+def run(cfg: FinetuneStepConfig, parent: tracking.Run | None = None, *,
+        callbacks: list[Any] | None = None) -> StepResult:
+    """Fine-tune ``cfg.model`` and record it as one MLflow run (see the module docstring).
+
+    ``callbacks``: extra transformers ``TrainerCallback``s (tests, search pruning).
+    """
+    ref, spec, plan, device, _ = check(cfg, parent)
+    key = common.step_key("finetune", cfg)
     out_dir = checkpoint_dir(cfg, ref)
     resume_id = _resume_target(out_dir) if cfg.resume else None
     data = tdata.load_training_data(spec, cfg.method)  # full load + row checks, still before the run
     ft = cfg.finetune_config(str(out_dir))
 
     params = {
-        "model": cfg.model, "dataset": spec, "dataset_rows": len(data), "dataset_columns": ",".join(data.column_names),
+        "model": cfg.model, "adapter": cfg.adapter or "none", "dataset": spec, "dataset_rows": len(data),
+        "dataset_columns": ",".join(data.column_names),
         **{k: v for k, v in ft.to_params().items() if k != "resume"},
         "dtype": cfg.dtype, "device": device, "eval_before": cfg.eval_before, "eval_after": cfg.eval_after,
-        **{("eval_batch_size" if k == "batch_size" else k): v for k, v in plan.params().items() if k != "seed"},
+        **{k: v for k, v in plan.params().items() if k != "seed"},
     }
-    key = common.cache_key(step="finetune", **{k: v for k, v in params.items() if k != "output_dir"})
     with tracking.step_run(
         "finetune", experiment=cfg.experiment or None, run_name=common.run_name("finetune", cfg.run_name, ref),
-        tags={f"{T}cache_key": key, f"{T}method": cfg.method, f"{T}adapter_kind": cfg.adapter},
-        run_id=resume_id,
-    ) as run:
-        return _run_in(run, cfg, ref, plan, device, data, ft, out_dir, params, resume_id, callbacks)
+        tags={f"{T}cache_key": key, f"{T}method": cfg.method, f"{T}finetuning": cfg.finetuning},
+        run_id=resume_id, parent=parent,
+    ) as run, common.PeakMemory() as memory:
+        return _run_in(run, cfg, ref, plan, device, data, ft, out_dir, params, resume_id, callbacks, memory, key)
 
 
 def _run_in(run: tracking.Run, cfg: FinetuneStepConfig, ref: ModelRef, plan: ev.EvalPlan, device: str, data: Any,
             ft: Any, out_dir: Path, params: dict, resume_id: str | None,
-            callbacks: list[Any] | None) -> FinetuneResult:
+            callbacks: list[Any] | None, memory: common.PeakMemory, key: str) -> StepResult:
     from mlproject.training import trainer
     from mlproject.training.adapters import is_4bit, save_output
 
@@ -294,10 +291,9 @@ def _run_in(run: tracking.Run, cfg: FinetuneStepConfig, ref: ModelRef, plan: ev.
     else:
         _prepare_fresh_dir(out_dir, run.run_id, clear=not cfg.resume)
     run.log_params(params)
-    common.reset_peak_memory()
     evaluating_before = cfg.eval_before and not before and (plan.tasks or plan.ppl_name)
 
-    quantized = cfg.adapter == "qlora"
+    quantized = cfg.finetuning == "qlora"
     if evaluating_before and quantized:
         # "before" is the input as the user has it (full precision), not the 4-bit copy we train.
         fp = _load(ref, cfg, device, quantized=False)
@@ -312,7 +308,7 @@ def _run_in(run: tracking.Run, cfg: FinetuneStepConfig, ref: ModelRef, plan: ev.
 
     model = loaded.model
     continued = _is_peft(model)
-    if continued and cfg.adapter == "full":
+    if continued and cfg.finetuning == "full":
         model = model.merge_and_unload()
         continued = False
     elif continued:
@@ -333,7 +329,9 @@ def _run_in(run: tracking.Run, cfg: FinetuneStepConfig, ref: ModelRef, plan: ev.
         raise
     curves.flush()
     step = result.global_step
-    summary = result.metrics()
+    # The training loop's own peak goes under train/; the step's peak (loading and
+    # evaluation included) is logged at the end as peak_rss_mb / peak_vram_mb.
+    summary = {(f"train/{k}" if k.startswith("peak_") else k): v for k, v in result.metrics().items()}
     if "train_samples_per_second" in result.summary:
         summary["train/samples_per_second"] = result.summary["train_samples_per_second"]
     run.log_metrics(summary, step=step)
@@ -369,7 +367,7 @@ def _run_in(run: tracking.Run, cfg: FinetuneStepConfig, ref: ModelRef, plan: ev.
             run.log_metrics(delta, step=step)
             metrics.update(delta)
     metrics.update({f"before/{k}": v for k, v in before.items()})
-    system = {**ev.model_metrics(final)}
+    system = {**ev.model_metrics(final), **memory.peak()}
     run.log_metrics(system, step=step)
     metrics.update(system)
 
@@ -377,8 +375,9 @@ def _run_in(run: tracking.Run, cfg: FinetuneStepConfig, ref: ModelRef, plan: ev.
                    {**system, **{k: v for k, v in summary.items() if not k.startswith("train/")}},
                    extra_sections=_report_sections(cfg, result, before, outcome, params))
     run.log_text(md, "report.md")
-    return FinetuneResult(run_id=run.run_id, model_uri=run.model_uri(), global_step=step,
-                          final_loss=result.final_loss, output_dir=str(out_dir), metrics=metrics, model=final)
+    return StepResult(step="finetune", run_id=run.run_id, model_uri=run.model_uri(), metrics=metrics, key=key,
+                      details={"global_step": step, "final_loss": result.final_loss, "output_dir": str(out_dir)},
+                      model=final)
 
 
 def _report_sections(cfg: FinetuneStepConfig, result: Any, before: dict[str, float], outcome: ev.EvalOutcome,
@@ -386,7 +385,7 @@ def _report_sections(cfg: FinetuneStepConfig, result: Any, before: dict[str, flo
     from mlproject.report import bullet, md_table
 
     training = bullet({
-        "method / adapter": f"{cfg.method} / {cfg.adapter}",
+        "method / finetuning": f"{cfg.method} / {cfg.finetuning}",
         "data": f"{params['dataset']} ({params['dataset_rows']} rows)",
         "optimizer steps": result.global_step,
         "resumed from checkpoint step": result.resumed_from_step or "no",

@@ -23,9 +23,8 @@ from mlproject.compression import prune as prune_lib
 from mlproject.config import PruneStepConfig
 from mlproject.errors import UserError
 from mlproject.report import md_table
+from mlproject.steps import StepResult, common
 from mlproject.steps import _compression as shared
-from mlproject.steps import common
-from mlproject.steps._compression import CompressResult
 from mlproject.steps.evaluate import plan_eval
 
 log = logging.getLogger(__name__)
@@ -49,14 +48,14 @@ def calibration_ids(tokenizer, text: str, samples: int, seqlen: int, seed: int):
     return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
 
 
-def run(cfg: PruneStepConfig) -> CompressResult:
-    # Everything cheap first: a bad value fails here, before a run or weights exist.
+def check(cfg: PruneStepConfig, parent: tracking.Run | None = None, pending: frozenset[str] = frozenset()):
+    """Every cheap check, before a run or weights exist: values, server, architecture, layer
+    shapes and whether the ratio is reachable. Returns (ref, device, torch dtype, plan)."""
     ref, device, torch_dtype = common.check_model_args(cfg.model, cfg.adapter, cfg.device, cfg.dtype)
     plan = plan_eval(cfg)
     pcfg = cfg.prune_config()
-    activation = cfg.importance == "activation"
-    common.check_tracking(cfg.tracking_uri, ref, cfg.adapter)
-    config = shared.peek_config(ref, "prune")
+    common.check_tracking(cfg.tracking_uri, ref, cfg.adapter, parent=parent, pending=pending)
+    config = None if ref.run_id in pending else shared.peek_config(ref, "prune")
     if config is not None:
         meta = shared.meta_model(config)
         if meta is not None and not getattr(config, "pruned_layer_sizes", None):
@@ -65,20 +64,26 @@ def run(cfg: PruneStepConfig) -> CompressResult:
         elif getattr(config, "model_type", None) not in prune_lib.SUPPORTED_ARCHS:
             raise UserError(f"structured pruning does not support architecture {config.model_type!r}; "
                             f"supported: {', '.join(prune_lib.SUPPORTED_ARCHS)}")
+    return ref, device, torch_dtype, plan
+
+
+def run(cfg: PruneStepConfig, parent: tracking.Run | None = None) -> StepResult:
+    ref, device, torch_dtype, plan = check(cfg, parent)
+    key = common.step_key("prune", cfg)
+    pcfg = cfg.prune_config()
+    activation = cfg.importance == "activation"
 
     calib = {"calibration": cfg.calibration, "calibration_samples": cfg.calibration_samples,
              "calibration_seqlen": cfg.calibration_seqlen} if activation else {"calibration": "none"}
     params = {"model": cfg.model, "adapter": cfg.adapter or "none", "dtype": cfg.dtype, "device": device,
               "ratio": cfg.ratio, "importance": cfg.importance, "targets": cfg.targets,
               "keep_layers": cfg.keep_layers, **calib, "evaluate": str(cfg.evaluate).lower(), **plan.params()}
-    key = common.cache_key(step="prune", **params)
     with tracking.step_run(
         "prune", experiment=cfg.experiment or None,
         run_name=cfg.run_name or f"prune:{ref.label}:{cfg.targets}-{cfg.ratio:g}-{cfg.importance}",
-        tags={f"{T}cache_key": key},
-    ) as run:
+        tags={f"{T}cache_key": key}, parent=parent,
+    ) as run, common.PeakMemory() as memory:
         run.log_params(params)
-        common.reset_peak_memory()
         start = time.perf_counter()
         loaded = shared.load_input(ref, dtype=cfg.dtype, device=device, adapter=cfg.adapter)
         load_seconds = time.perf_counter() - start
@@ -135,7 +140,7 @@ def run(cfg: PruneStepConfig) -> CompressResult:
         return shared.finish(
             run, step="prune", title=f"prune: {ref.label} {cfg.targets} {cfg.ratio:g}", loaded=loaded, plan=plan,
             evaluate=cfg.evaluate, report_params=report_params, metrics=metrics,
-            section=("Pruning", "\n\n".join(body)), model_uri=model_uri,
+            section=("Pruning", "\n\n".join(body)), model_uri=model_uri, memory=memory, key=key,
         )
 
 

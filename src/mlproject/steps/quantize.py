@@ -27,9 +27,8 @@ from mlproject.config import QuantizeConfig
 from mlproject.errors import UserError
 from mlproject.models import loading
 from mlproject.report import md_table
+from mlproject.steps import StepResult, common
 from mlproject.steps import _compression as shared
-from mlproject.steps import common
-from mlproject.steps._compression import CompressResult
 from mlproject.steps.evaluate import plan_eval
 
 log = logging.getLogger(__name__)
@@ -80,34 +79,41 @@ def _bnb_params(method: str, blocksize: int | None) -> dict:
             "scheme": method.removeprefix("bnb-") + " (absmax per block)"}
 
 
-def run(cfg: QuantizeConfig) -> CompressResult:
-    # Everything cheap first: a bad value fails here, before a run or weights exist.
+def check(cfg: QuantizeConfig, parent: tracking.Run | None = None, pending: frozenset[str] = frozenset()):
+    """Every cheap check, before a run or weights exist: values, server, the input's config on
+    a weightless meta model. Returns (ref, device, torch dtype, plan)."""
     ref, device, torch_dtype = common.check_model_args(cfg.model, cfg.adapter, cfg.device, cfg.dtype)
     plan = plan_eval(cfg)
     rtn = cfg.method == "rtn"
-    rtn_cfg = cfg.rtn_config() if rtn else None
     if not rtn:
         _check_bnb_installed()
-    common.check_tracking(cfg.tracking_uri, ref, cfg.adapter)
-    config = shared.peek_config(ref, "quantize")
+    common.check_tracking(cfg.tracking_uri, ref, cfg.adapter, parent=parent, pending=pending)
+    config = None if ref.run_id in pending else shared.peek_config(ref, "quantize")
     if rtn and config is not None and not getattr(config, "pruned_layer_sizes", None):
         meta = shared.meta_model(config)
         if meta is not None:
-            rtn_lib.check_layers(meta, rtn_cfg)  # e.g. group_size 128 on SmolLM2's 576-wide layers
+            rtn_lib.check_layers(meta, cfg.rtn_config())  # e.g. group_size 128 on SmolLM2's 576-wide layers
+    return ref, device, torch_dtype, plan
+
+
+def run(cfg: QuantizeConfig, parent: tracking.Run | None = None) -> StepResult:
+    ref, device, torch_dtype, plan = check(cfg, parent)
+    key = common.step_key("quantize", cfg)
+    rtn = cfg.method == "rtn"
+    rtn_cfg = cfg.rtn_config() if rtn else None
 
     method_params = ({"w_bits": cfg.w_bits, "group_size": cfg.group_size, "granularity": cfg.granularity,
                       "scheme": cfg.scheme} if rtn else {})
     params = {"model": cfg.model, "adapter": cfg.adapter or "none", "dtype": cfg.dtype, "device": device,
               "method": cfg.method, **method_params, "modules": cfg.modules, "simulated": str(rtn).lower(),
               "evaluate": str(cfg.evaluate).lower(), **plan.params()}
-    key = common.cache_key(step="quantize", **params)
     with tracking.step_run(
         "quantize", experiment=cfg.experiment or None,
         run_name=cfg.run_name or f"quantize:{ref.label}:{cfg.method}" + (f"-w{cfg.w_bits}" if rtn else ""),
         tags={f"{T}cache_key": key, f"{T}quant.method": cfg.method, f"{T}quant.simulated": str(rtn).lower()},
-    ) as run:
+        parent=parent,
+    ) as run, common.PeakMemory() as memory:
         run.log_params(params)
-        common.reset_peak_memory()
         start = time.perf_counter()
         if rtn:
             loaded = shared.load_input(ref, dtype=cfg.dtype, device=device, adapter=cfg.adapter)
@@ -170,5 +176,5 @@ def run(cfg: QuantizeConfig) -> CompressResult:
         return shared.finish(
             run, step="quantize", title=f"quantize: {ref.label} + {cfg.method}", loaded=loaded, plan=plan,
             evaluate=cfg.evaluate, report_params=report_params, metrics=metrics,
-            section=("Quantization", "\n\n".join(body)), model_uri=model_uri,
+            section=("Quantization", "\n\n".join(body)), model_uri=model_uri, memory=memory, key=key,
         )

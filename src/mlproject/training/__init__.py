@@ -2,10 +2,10 @@
 
 Typical use (what the finetune step does)::
 
-    cfg = FinetuneConfig(method="sft", adapter="lora", max_steps=100)
+    cfg = FinetuneConfig(method="sft", finetuning="lora", max_steps=100)
     data = load_training_data("offline:<name>", cfg.method)        # cheap, before the model
     model = AutoModelForCausalLM.from_pretrained(
-        ref, quantization_config=qlora_quantization_config() if cfg.adapter == "qlora" else None)
+        ref, quantization_config=qlora_quantization_config() if cfg.finetuning == "qlora" else None)
     result = train(model, tokenizer, data, cfg, on_log=log_metrics, output_dir="ckpt")
     saved = save_output(result.model, tokenizer, "out", merge=cfg.merge)
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from mlproject.training.config import ADAPTERS, METHODS, FinetuneConfig
+from mlproject.training.config import FINETUNING, METHODS, FinetuneConfig
 from mlproject.training.datasets import load_training_data, validate_columns
 
 if TYPE_CHECKING:
@@ -47,7 +47,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "ADAPTERS", "METHODS", "FinetuneConfig", "SavedModel", "TrainResult", "TrainingDiverged",
+    "FINETUNING", "METHODS", "FinetuneConfig", "SavedModel", "TrainResult", "TrainingDiverged",
     "count_parameters", "last_checkpoint", "load_training_data", "prepare_model",
     "qlora_quantization_config", "save_output", "train", "validate_columns",
 ]

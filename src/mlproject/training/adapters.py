@@ -70,7 +70,7 @@ def lora_config(cfg: "FinetuneConfig"):
 
 
 def prepare_model(model: Any, cfg: "FinetuneConfig") -> Any:
-    """Make ``model`` trainable as ``cfg.adapter`` says; returns the model to hand to the trainer.
+    """Make ``model`` trainable as ``cfg.finetuning`` says; returns the model to hand to the trainer.
 
     * ``lora``: ``get_peft_model`` (base frozen).
     * ``qlora``: the base must already be 4-bit (see module doc); ``prepare_model_for_kbit_training``
@@ -85,14 +85,14 @@ def prepare_model(model: Any, cfg: "FinetuneConfig") -> Any:
     if isinstance(model, PeftModel):
         return model
     quantized = is_4bit(model) or bool(getattr(model, "is_loaded_in_8bit", False))
-    if cfg.adapter == "qlora":
+    if cfg.finetuning == "qlora":
         if not is_4bit(model):
-            raise UserError("adapter=qlora needs the base model loaded in 4-bit "
+            raise UserError("finetuning=qlora needs the base model loaded in 4-bit "
                             "(from_pretrained(..., quantization_config=qlora_quantization_config()))")
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     elif quantized:
-        raise UserError(f"adapter={cfg.adapter} cannot train a quantized base model; use adapter=qlora")
-    if cfg.adapter == "full":
+        raise UserError(f"finetuning={cfg.finetuning} cannot train a quantized base model; use finetuning=qlora")
+    if cfg.finetuning == "full":
         for p in model.parameters():
             p.requires_grad_(True)
         return model

@@ -9,13 +9,13 @@ from pathlib import Path
 from mlproject.errors import UserError
 
 METHODS = ("sft", "dpo")
-ADAPTERS = ("lora", "qlora", "full")
+FINETUNING = ("lora", "qlora", "full")
 CHAT_TEMPLATE_MODES = ("auto", "on", "off")
 
 
 @dataclass
 class FinetuneConfig:
-    """How to fine-tune: the method, the adapter and the optimisation schedule.
+    """How to fine-tune: the method, the kind of fine-tuning and the optimisation schedule.
 
     Every field is a plain scalar so the step can log ``asdict(cfg)`` as MLflow params as is.
     """
@@ -23,7 +23,7 @@ class FinetuneConfig:
     method: str = "sft"
     """``sft`` (supervised: prompt/completion, messages or instruction/input/output rows) or
     ``dpo`` (direct preference optimisation: prompt/chosen/rejected rows)."""
-    adapter: str = "lora"
+    finetuning: str = "lora"
     """``lora`` (peft LoRA on a full-precision base), ``qlora`` (LoRA on a 4-bit NF4 base; the
     base must be loaded with :func:`mlproject.training.adapters.qlora_quantization_config`) or
     ``full`` (every parameter trainable)."""
@@ -42,10 +42,10 @@ class FinetuneConfig:
     """Passes over the training set; ignored when ``max_steps`` > 0."""
     max_steps: int = -1
     """Optimizer steps to run; -1 means use ``epochs``."""
-    batch_size: int = 4
+    train_batch_size: int = 4
     """Examples per device per forward pass."""
     grad_accum: int = 1
-    """Forward passes accumulated per optimizer step (effective batch = batch_size × grad_accum)."""
+    """Forward passes accumulated per optimizer step (effective batch = train_batch_size × grad_accum)."""
     max_length: int = 512
     """Tokens per example (prompt + completion); longer examples are truncated at the end."""
     beta: float = 0.1
@@ -72,17 +72,17 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         self.method = str(self.method).lower()
-        self.adapter = str(self.adapter).lower()
+        self.finetuning = str(self.finetuning).lower()
         self.chat_template = str(self.chat_template).lower()
         if self.method not in METHODS:
             raise UserError(f"method={self.method!r} is not supported; choose one of {', '.join(METHODS)}")
-        if self.adapter not in ADAPTERS:
-            raise UserError(f"adapter={self.adapter!r} is not supported; choose one of {', '.join(ADAPTERS)}")
+        if self.finetuning not in FINETUNING:
+            raise UserError(f"finetuning={self.finetuning!r} is not supported; choose one of {', '.join(FINETUNING)}")
         if self.chat_template not in CHAT_TEMPLATE_MODES:
             raise UserError(
                 f"chat_template={self.chat_template!r} is not supported; choose one of {', '.join(CHAT_TEMPLATE_MODES)}"
             )
-        _positive_int(self, "lora_r", "lora_alpha", "batch_size", "grad_accum", "max_length", "logging_steps",
+        _positive_int(self, "lora_r", "lora_alpha", "train_batch_size", "grad_accum", "max_length", "logging_steps",
                       "save_total_limit")
         if not (0.0 <= float(self.lora_dropout) < 1.0):
             raise UserError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1)")

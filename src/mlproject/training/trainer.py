@@ -113,7 +113,7 @@ def build_args(cfg: "FinetuneConfig", output_dir: str | Path, model: Any = None)
         learning_rate=cfg.lr,
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
-        per_device_train_batch_size=cfg.batch_size,
+        per_device_train_batch_size=cfg.train_batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         max_length=cfg.max_length,
         seed=cfg.seed,
@@ -159,7 +159,7 @@ def train(
 ) -> TrainResult:
     """Fine-tune ``model`` on ``train_dataset`` as ``cfg`` says and return the trained model.
 
-    ``model`` is the base model (4-bit for ``adapter=qlora``) or an existing ``PeftModel`` whose
+    ``model`` is the base model (4-bit for ``finetuning=qlora``) or an existing ``PeftModel`` whose
     adapter keeps training. ``train_dataset`` is what :func:`load_training_data` returned (it is
     normalised again, cheaply, if not). Checkpoints go to ``output_dir`` (default
     ``cfg.output_dir``); with ``cfg.resume`` training continues from the last one there, and

@@ -1,0 +1,150 @@
+"""The evaluation engine: plan → load → perplexity + lm-eval tasks → metrics, with no run.
+
+Every step measures a model through this module (evaluate, and quantize / prune / finetune on
+their outputs), pipelines and the search call it too, and :func:`evaluate_model` runs it
+without any tracking at all::
+
+    from mlproject.config import EvalOptions
+    from mlproject.evaluation.engine import evaluate_model
+    out = evaluate_model("smollm2", EvalOptions(tasks="mlp_nonce", limit="50", ppl_windows=4))
+    out.metrics  # {"ppl/offline": …, "mlp_nonce/acc_norm": …, "avg_acc": …, "eval_seconds": …}
+
+Metric names are the run conventions' (DESIGN.md): ``ppl/<dataset>``, ``nll/<dataset>``,
+``<task>/<metric>``, ``avg_acc``, ``eval_seconds``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from mlproject.config import EvalOptions
+from mlproject.evaluation import harness, perplexity
+from mlproject.progress import progress
+
+
+@dataclass
+class EvalPlan:
+    """EvalOptions checked and expanded; built before anything heavy happens."""
+
+    opts: EvalOptions
+    tasks: list[str]
+    limit: int | float | None
+    batch_size: int | str
+    ppl_name: str | None
+    num_fewshot: int | None
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "tasks": ",".join(self.tasks) or "none", "limit": self.limit if self.limit is not None else "all",
+            "num_fewshot": self.num_fewshot if self.num_fewshot is not None else "task default",
+            "batch_size": self.batch_size, "ppl_dataset": self.opts.ppl_dataset,
+            "seqlen": self.opts.seqlen, "ppl_batch_size": self.opts.ppl_batch_size,
+            "ppl_windows": self.opts.ppl_windows or "all", "seed": self.opts.seed,
+        }
+
+    @property
+    def empty(self) -> bool:
+        """Nothing to measure (tasks=none and ppl_dataset=none)."""
+        return not self.tasks and not self.ppl_name
+
+
+def plan_eval(opts: EvalOptions) -> EvalPlan:
+    """Validate and expand the options (unknown tasks / PPL text fail here, cheaply)."""
+    tasks = harness.expand_tasks(opts.tasks)
+    harness.validate_tasks(tasks)
+    return EvalPlan(
+        opts=opts, tasks=tasks, limit=harness.parse_limit(opts.limit),
+        batch_size=harness.parse_batch_size(opts.batch_size),
+        ppl_name=perplexity.check_dataset(opts.ppl_dataset),
+        num_fewshot=None if opts.num_fewshot < 0 else opts.num_fewshot,
+    )
+
+
+@dataclass
+class EvalOutcome:
+    ppl: list[perplexity.PPLResult] = field(default_factory=list)
+    harness: harness.HarnessResult | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # as logged, without prefix
+    seconds: float = 0.0
+    ppl_params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def avg_acc(self) -> float | None:
+        return self.harness.avg_acc if self.harness else None
+
+
+def measure(loaded, plan: EvalPlan, on_metrics: Callable[[dict[str, float]], None] | None = None) -> EvalOutcome:
+    """Compute PPL and task metrics of a loaded model (``models.loading.LoadedModel``); each
+    part goes to `on_metrics` as soon as it is known, so a later failure loses nothing
+    already measured."""
+    on_metrics = on_metrics or (lambda metrics: None)
+    import torch
+
+    torch.manual_seed(plan.opts.seed)
+    out = EvalOutcome()
+    start = time.perf_counter()
+    model, tok = loaded.model, loaded.tokenizer
+    if plan.ppl_name:
+        text = perplexity.load_text(plan.opts.ppl_dataset)
+        ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+        ctx = perplexity.context_length(model) or plan.opts.seqlen
+        seqlen = min(plan.opts.seqlen, ctx)
+        n_windows = max(1, ids.numel() // seqlen)
+        if plan.opts.ppl_windows:
+            n_windows = min(n_windows, plan.opts.ppl_windows)
+        with progress(f"perplexity ({plan.ppl_name})", n_windows) as advance:
+            res = perplexity.perplexity(model, ids, seqlen, plan.opts.ppl_batch_size,
+                                        dataset=plan.ppl_name, on_batch=advance,
+                                        max_windows=plan.opts.ppl_windows)
+        out.ppl.append(res)
+        out.metrics[f"ppl/{res.dataset}"] = res.ppl
+        out.metrics[f"nll/{res.dataset}"] = res.nll
+        out.ppl_params = {"ppl.dataset": res.dataset, "ppl.seqlen": res.seqlen,
+                          "ppl.windows": res.windows, "ppl.tokens": res.tokens}
+        on_metrics({f"ppl/{res.dataset}": res.ppl, f"nll/{res.dataset}": res.nll})
+    if plan.tasks:
+        hr = harness.run_tasks(
+            model, tok, plan.tasks, limit=plan.limit, num_fewshot=plan.num_fewshot,
+            batch_size=plan.batch_size, seed=plan.opts.seed,
+        )
+        out.harness = hr
+        out.metrics.update(hr.metrics)
+        if hr.avg_acc is not None:
+            out.metrics["avg_acc"] = hr.avg_acc
+        on_metrics({k: v for k, v in out.metrics.items() if not k.startswith(("ppl/", "nll/"))})
+    out.seconds = time.perf_counter() - start
+    out.metrics["eval_seconds"] = out.seconds
+    on_metrics({"eval_seconds": out.seconds})
+    return out
+
+
+def model_metrics(model) -> dict[str, float]:
+    """``params_b`` and ``model_size_mb`` (real bytes held, quantized layers included)."""
+    from mlproject.compression.bnb import model_size_mb
+    from mlproject.models.loading import count_params
+
+    return {"params_b": count_params(model) / 1e9, "model_size_mb": model_size_mb(model)}
+
+
+def evaluate_model(model: str, opts: EvalOptions | None = None, *, adapter: str = "", dtype: str = "auto",
+                   device: str = "auto", fetch: Callable | None = None) -> EvalOutcome:
+    """Resolve, load and measure ``model`` (any model reference) with no tracking run.
+
+    ``fetch`` materializes ``runs:/`` / ``models:/`` references (default: the tracking
+    server's, through ``tracking.download``); aliases, hub ids and local dirs need none.
+    """
+    from mlproject.models import loading
+    from mlproject.models.reference import resolve
+
+    opts = opts or EvalOptions()
+    plan = plan_eval(opts)
+    ref = resolve(model)
+    if fetch is None:  # runs:/ and models:/ references (also inside a logged adapter's lineage)
+        from mlproject.tracking import download as fetch
+    device = loading.pick_device(device)
+    loaded = loading.load_model(ref, dtype=dtype, device=device, adapter=adapter or None, fetch=fetch)
+    out = measure(loaded, plan)
+    out.metrics.update(model_metrics(loaded.model))
+    return out
