@@ -315,3 +315,24 @@ def test_the_step_contract_nests_in_process(mlflow_uri, tiny_dirs, ppl_text_file
     assert explicit.key == implicit.key  # same config, same code: same key
     assert client.get_experiment_by_name("elsewhere") is None
     assert client.get_run(parent.run_id).info.status == "FINISHED"
+
+
+def test_the_evaluation_engine_needs_no_run(tiny_dirs, ppl_text_file, mlflow_uri, monkeypatch):
+    """plan → load → PPL + tasks → metrics with no tracking at all (what search and pipelines reuse)."""
+    from mlproject import tracking
+    from mlproject.config import EvalOptions, EvaluateConfig
+    from mlproject.evaluation.engine import evaluate_model
+    from mlproject.steps import evaluate
+
+    opts = dict(tasks="mlp_nonce", limit="4", batch_size="4", ppl_dataset=str(ppl_text_file), seqlen=32)
+    with monkeypatch.context() as m:
+        def no_tracking(*a, **k):
+            raise AssertionError("the engine opened a run")
+
+        m.setattr(tracking, "step_run", no_tracking)
+        out = evaluate_model(str(tiny_dirs["qwen2"]), EvalOptions(**opts))
+    assert {"ppl/sample", "mlp_nonce/acc", "avg_acc", "params_b", "model_size_mb"} <= set(out.metrics)
+    logged = evaluate.run(EvaluateConfig(model=str(tiny_dirs["qwen2"]), tracking_uri=mlflow_uri,
+                                         experiment="engine", **opts))
+    for key in ("ppl/sample", "mlp_nonce/acc", "avg_acc", "params_b"):
+        assert out.metrics[key] == pytest.approx(logged.metrics[key], rel=1e-9)
