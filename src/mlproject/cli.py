@@ -48,7 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
             if f.type in ("bool", bool):
                 kwargs.update(nargs="?", const="true")
             p.add_argument(flag, **kwargs)
+    # `mlproject runs sync|reap`: housekeeping commands, not steps (no run of their own).
+    from mlproject import housekeeping
+
+    housekeeping.add_parser(sub)
     return parser
+
+
+#: Exit code when the step ran but the tracking server did not get everything (sysexits' EX_TEMPFAIL).
+EX_TEMPFAIL = 75
 
 
 def _terminate(signum, frame):  # noqa: ARG001 - signal handler signature
@@ -78,21 +86,43 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+    from mlproject import tracking
     from mlproject.errors import StepFailed, UserError
 
+    if args.step == "runs":
+        from mlproject import housekeeping
+
+        return housekeeping.main(args)
     values = {k: v for k, v in vars(args).items() if k not in ("step", "verbose")}
     try:
         cfg = config_class(args.step)(**{k: ("" if v is None else v) for k, v in values.items()})
         step = importlib.import_module(STEPS[args.step][1])
         result = step.run(cfg)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {tracking.redact(exc)}", file=sys.stderr)
+        # Under `mlflow run` the run exists already: it records the refusal.
+        tracking.record_refusal(args.step, str(exc))
         return exc.exit_code
     except StepFailed as exc:
         logging.getLogger("mlproject").debug("step failed", exc_info=True)
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {tracking.redact(exc)}", file=sys.stderr)
         return exc.exit_code
-    print(_summary(result))
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); a run in progress was marked KILLED", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if not tracking.is_transient(exc):
+            raise
+        logging.getLogger("mlproject").debug("tracking failed", exc_info=True)
+        print(f"error: tracking server {tracking.redact(tracking.tracking_uri())} stopped answering: "
+              f"{tracking.redact(str(exc).splitlines()[0])}", file=sys.stderr)
+        return EX_TEMPFAIL
+    print(tracking.redact(_summary(result)))
+    unsent = tracking.unsent_spools()
+    if unsent:
+        print(f"error: results not delivered to tracking server {tracking.redact(tracking.tracking_uri())}; they are "
+              f"kept in {', '.join(map(str, unsent))} — send them with: mlproject runs sync", file=sys.stderr)
+        return EX_TEMPFAIL
     return 0
 
 
