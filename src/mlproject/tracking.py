@@ -81,6 +81,9 @@ def _http_defaults() -> None:
     single call for minutes when the server is gone. Values the user set are kept."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    # MLflow prints "View run … at: <tracking URI>" on every set_terminated, user:password
+    # included when the URI carries them; we log the link ourselves, credentials stripped.
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
 
 @contextlib.contextmanager
@@ -331,6 +334,7 @@ class Run:
     def __init__(self, run_id: str, experiment_id: str):
         from mlflow.tracking import MlflowClient
 
+        _http_defaults()
         self.run_id = run_id
         self.experiment_id = experiment_id
         self.env: dict | None = None  # the snapshot logged as env.json, when step_run took one
@@ -643,6 +647,10 @@ def _close(run: Run, status: str) -> None:
             # end_run pops its stack before its own (repeated, harmless) set_terminated call.
             with _fail_fast(), contextlib.suppress(Exception):
                 mlflow.end_run(status=status)
+        uri = tracking_uri()
+        if uri.startswith(("http://", "https://")):
+            log.info("run %s (%s): %s/#/experiments/%s/runs/%s", run.run_id, status,
+                     redact(strip_userinfo(uri)).rstrip("/"), run.experiment_id, run.run_id)
         spool = run.spool
         if spool is not None:
             left = spool.pending()
@@ -994,6 +1002,7 @@ def record_refusal(step: str, message: str) -> None:
     from mlflow.entities import RunTag
     from mlflow.tracking import MlflowClient
 
+    _http_defaults()
     try:
         with _fail_fast(5):
             client = MlflowClient()
