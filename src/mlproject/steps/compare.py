@@ -44,7 +44,7 @@ def run(cfg: CompareConfig) -> CompareRunResult:
         run.log_params({"experiment": cfg.experiment, "runs": cfg.runs, "filter": cfg.filter,
                         "baseline": cfg.baseline, "view": ",".join(spec.view),
                         "metrics": cfg.metrics, "directions": cfg.directions,
-                        "format": ",".join(spec.formats)})
+                        "format": ",".join(spec.formats), "status": ",".join(spec.statuses)})
         run.log_metrics({f"compare/{k}": v for k, v in result.stats.items()
                          if isinstance(v, (int, float))})
         with tempfile.TemporaryDirectory(prefix="mlproject-compare-") as tmp:
