@@ -212,18 +212,19 @@ def check_server(uri: str | None = None, timeout: float = 10.0) -> str:
     import mlflow
 
     _http_defaults()
-    if uri:
-        _check_uri_shape(uri)
-        mlflow.set_tracking_uri(uri)
-    uri = mlflow.get_tracking_uri()
-    shown = redact(uri)
+    given = uri
+    if given:
+        _check_uri_shape(given)
+    uri = given or mlflow.get_tracking_uri()
     scheme = uri.split(":", 1)[0].lower() if "://" in uri else ""
     if scheme in ("http", "https"):
         _check_http(uri, timeout)
     elif scheme == "sqlite":
         _init_sqlite(uri)
     else:
-        _call_store(uri, shown)
+        _call_store(uri, redact(uri))
+    if given:  # only a URI that works becomes the process's tracking URI
+        mlflow.set_tracking_uri(given)
     _LINK.reset()
     return uri
 
