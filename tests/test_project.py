@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import mlflow_client
+from conftest import mlflow_client, subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,11 +58,11 @@ def test_mlflow_run_evaluate_from_a_tmpfs_copy(mlflow_uri, tiny_dirs, ppl_text_f
             (clone / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / f, clone / f)
         bindir = Path(sys.executable).parent
-        env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "PATH": f"{bindir}:{os.environ['PATH']}"}
-        # mlflow.set_experiment in earlier in-process tests exports MLFLOW_EXPERIMENT_ID
-        for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-            env.pop(var, None)
-        cmd = [str(bindir / "mlflow"), "run", ".", "-e", "evaluate", "--env-manager", "local",
+        # subprocess_env drops the MLFLOW_EXPERIMENT_ID that mlflow.set_experiment in earlier
+        # in-process tests exported, and keeps PYTHONPATH
+        env = {**subprocess_env(), "MLFLOW_TRACKING_URI": mlflow_uri, "PATH": f"{bindir}:{os.environ['PATH']}"}
+        # `python -m mlflow`: the console script need not sit beside the interpreter
+        cmd = [sys.executable, "-m", "mlflow", "run", ".", "-e", "evaluate", "--env-manager", "local",
                "--experiment-name", "mlflow-run-e2e",
                "-P", f"model={tiny_dirs['qwen2']}", "-P", "tasks=mlp_capitals", "-P", "limit=4",
                "-P", f"ppl_dataset={ppl_text_file}", "-P", "seqlen=32", "-P", "batch_size=4"]

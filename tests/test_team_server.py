@@ -126,6 +126,17 @@ def test_unauthenticated_write_is_refused_authenticated_works(team_server):
     assert mlflow_client(uri.replace("://", f"://admin:{password}@")).get_experiment_by_name("anon") is None
 
 
+def test_admin_adds_a_user_as_the_readme_says(team_server, monkeypatch):
+    from mlflow.server import get_app_client
+
+    uri, password = team_server
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    get_app_client("basic-auth", tracking_uri=uri).create_user("alice", "alice-password-123")
+    assert _create_experiment(uri, "alice-exp", ("alice", "alice-password-123")) == 200
+    assert _create_experiment(uri, "alice-wrong", ("alice", "not-her-password")) == 401
+
+
 def _leaks(secret: str, uri_with_creds: str, run_id: str, tmp_path: Path) -> list[str]:
     client = mlflow_client(uri_with_creds)
     run = client.get_run(run_id)
