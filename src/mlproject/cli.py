@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return housekeeping.main(args)
     values = {k: v for k, v in vars(args).items() if k not in ("step", "verbose")}
+    unsent_before = len(tracking.unsent_spools())
     try:
         cfg = config_class(args.step)(**{k: ("" if v is None else v) for k, v in values.items()})
         step = importlib.import_module(STEPS[args.step][1])
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{tracking.redact(str(exc).splitlines()[0])}", file=sys.stderr)
         return EX_TEMPFAIL
     print(tracking.redact(_summary(result)))
-    unsent = tracking.unsent_spools()
+    unsent = tracking.unsent_spools()[unsent_before:]
     if unsent:
         print(f"error: results not delivered to tracking server {tracking.redact(tracking.tracking_uri())}; they are "
               f"kept in {', '.join(map(str, unsent))} — send them with: mlproject runs sync", file=sys.stderr)

@@ -363,10 +363,15 @@ class Run:
                 self.spool.keep_copy(seq, original)
         return ok
 
-    def open_spool(self, step: str) -> Spool:
+    def open_spool(self, step: str) -> Spool | None:
         # Stored without credentials: sync takes them from the usual variables again.
-        self.spool = Spool.open(self.run_id, experiment_id=self.experiment_id, step=step,
-                                tracking_uri=redact(strip_userinfo(tracking_uri())))
+        try:
+            self.spool = Spool.open(self.run_id, experiment_id=self.experiment_id, step=step,
+                                    tracking_uri=redact(strip_userinfo(tracking_uri())))
+        except Exception as exc:  # a read-only home must not stop the step: log straight to the server
+            log.warning("no tracking spool for run %s (%s): results go to the server only", self.run_id,
+                        _first_line(exc))
+            self.spool = None
         return self.spool
 
     # -- params, tags, metrics -------------------------------------------------------
@@ -1007,6 +1012,8 @@ def record_refusal(step: str, message: str) -> None:
     try:
         with _fail_fast(5):
             client = MlflowClient()
+            if f"{TAG_PREFIX}step" in client.get_run(run_id).data.tags:
+                return  # the step ran in this run and recorded its own failure
             client.log_batch(run_id, tags=[RunTag("mlflow.runName", f"{step}:refused"),
                                            RunTag(f"{TAG_PREFIX}step", step),
                                            RunTag(ERROR_TAG, redact(message)[:_MAX_TAG_LEN])], synchronous=True)
