@@ -250,6 +250,10 @@ def _call_store(uri: str, shown: str) -> None:
         with _fail_fast(int(10)):
             MlflowClient(uri).search_experiments(max_results=1)
     except Exception as exc:  # unknown scheme, unreachable database, unusable path
+        if "unsupported uri" in str(exc).lower():
+            scheme = uri.split("://", 1)[0]
+            raise UserError(f"tracking URI {shown} has an unsupported scheme {scheme!r}: use http(s)://host:port, "
+                            "sqlite:///path/mlflow.db, postgresql://, mysql:// or mssql://") from None
         raise UserError(f"tracking store {shown} is unusable: {_first_line(exc)}") from None
 
 
