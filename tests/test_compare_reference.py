@@ -835,16 +835,28 @@ def test_versus_guide_workflow_with_significance(server):
 
 def test_partial_data_renders_na_without_crashing(server, tmp_path):
     uri, ids = server
-    res = _build(uri, experiment="guide", baseline="Qwen2.5-Coder-0.5B")
+    res = _build(uri, experiment="guide", baseline="Qwen2.5-Coder-0.5B", status="all")
     md = res.markdown()
     vs = res.tables["versus"]
-    crashed = vs[vs["candidate"] == "crashed"]
+    crashed = vs[vs["candidate"] == "crashed [FAILED]"]  # the label says it did not finish
     assert list(crashed["task"]) == ["drop"]  # only what it logged
-    assert "empty" not in set(vs["candidate"])
+    assert not any(c.startswith("empty") for c in set(vs["candidate"]))
     assert "N/A" in md
-    mean = vs[(vs["candidate"] == "crashed")]
-    assert "mean" not in set(mean["task"])  # a mean over 1 of 8 tasks is not comparable
+    assert "mean" not in set(crashed["task"])  # a mean over 1 of 8 tasks is not comparable
     assert res.write(tmp_path, "md,csv,json")
+
+
+def test_unfinished_runs_are_left_out_unless_asked(server):
+    uri, ids = server
+    res = _build(uri, experiment="guide", baseline="Qwen2.5-Coder-0.5B", view="versus,ranking")
+    in_scope = res.runset.runs[res.runset.runs["in_scope"]]
+    assert set(in_scope["status"]) == {"FINISHED"} and len(in_scope) == 2
+    assert res.stats["left_out"] == 2 and res.runset.left_out == {"FAILED": 2}
+    assert "left out runs that did not finish (2 FAILED)" in res.markdown()
+    assert not any("crashed" in str(c) for c in res.tables["ranking"].to_numpy().ravel())
+    # a run named by id is compared whatever its status
+    named = _build(uri, runs=f"{ids['guide'][0]},{ids['guide']['partial']}", view="versus")
+    assert set(named.tables["versus"]["candidate"]) == {"crashed [FAILED]"}
 
 
 def test_lineage_columns_in_tidy_table(server):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import mlflow_client
+from conftest import mlflow_client, subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,11 +64,11 @@ def tmpfs_clone(tmp_path_factory):
 
 def mlflow_run(clone: Path, uri: str, experiment: str, entry_point: str, **params) -> subprocess.CompletedProcess:
     bindir = Path(sys.executable).parent
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{bindir}:{os.environ['PATH']}"}
-    # mlflow.set_experiment in earlier in-process tests exports MLFLOW_EXPERIMENT_ID
-    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        env.pop(var, None)
-    cmd = [str(bindir / "mlflow"), "run", ".", "-e", entry_point, "--env-manager", "local",
+    # subprocess_env drops the MLFLOW_EXPERIMENT_ID that mlflow.set_experiment in earlier
+    # in-process tests exported, and keeps PYTHONPATH
+    env = {**subprocess_env(), "MLFLOW_TRACKING_URI": uri, "PATH": f"{bindir}:{os.environ['PATH']}"}
+    # `python -m mlflow`: the console script need not sit beside the interpreter
+    cmd = [sys.executable, "-m", "mlflow", "run", ".", "-e", entry_point, "--env-manager", "local",
            "--experiment-name", experiment]
     for k, v in params.items():
         cmd += ["-P", f"{k}={v}"]

@@ -48,7 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         p.set_defaults(step=info.name)
         _add_config_flags(p, cls)
+    # `mlproject runs sync|reap`: housekeeping commands, not steps (no run of their own).
+    from mlproject import housekeeping
+
+    housekeeping.add_parser(sub)
     return parser
+
+
+#: Exit code when the step ran but the tracking server did not get everything (sysexits' EX_TEMPFAIL).
+EX_TEMPFAIL = 75
 
 
 def config_values(args: argparse.Namespace) -> dict[str, Any]:
@@ -91,20 +99,43 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+    from mlproject import tracking
     from mlproject.errors import StepFailed, UserError
 
+    if args.step == "runs":
+        from mlproject import housekeeping
+
+        return housekeeping.main(args)
+    unsent_before = len(tracking.unsent_spools())
     try:
         info = entry(args.step)
         cfg = info.config_class()(**config_values(args))
         result = info.run(cfg)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {tracking.redact(exc)}", file=sys.stderr)
+        # Under `mlflow run` the run exists already: it records the refusal.
+        tracking.record_refusal(args.step, str(exc))
         return exc.exit_code
     except StepFailed as exc:
         logging.getLogger("mlproject").debug("step failed", exc_info=True)
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {tracking.redact(exc)}", file=sys.stderr)
         return exc.exit_code
-    print(_summary(result))
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); a run in progress was marked KILLED", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if not tracking.is_transient(exc):
+            raise
+        logging.getLogger("mlproject").debug("tracking failed", exc_info=True)
+        print(f"error: tracking server {tracking.redact(tracking.tracking_uri())} stopped answering: "
+              f"{tracking.redact(str(exc).splitlines()[0])}", file=sys.stderr)
+        return EX_TEMPFAIL
+    print(tracking.redact(_summary(result)))
+    unsent = tracking.unsent_spools()[unsent_before:]
+    if unsent:
+        print(f"error: results not delivered to tracking server {tracking.redact(tracking.tracking_uri())}; they are "
+              f"kept in {', '.join(map(str, unsent))} — send them with: mlproject runs sync", file=sys.stderr)
+        return EX_TEMPFAIL
     return 0
 
 

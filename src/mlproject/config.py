@@ -291,6 +291,8 @@ class CompareConfig:
     metrics: str = param("", "metrics for versus/ranking: keys, leaves (pass@1), task names or prefixes; empty = task scores, avg_acc, ppl")
     directions: str = param("", "better-direction overrides, e.g. avg_time=min,novelty=max")
     format: str = param("md,csv,json,html,png", "output formats: md, csv, json, html, png")
+    status: str = param("FINISHED", "run statuses to compare: FINISHED, or a comma list of FINISHED, RUNNING, "
+                        "FAILED, KILLED, or all (runs listed by id are always compared; labels show other statuses)")
     run_name: str = param("", "run name (default: 'compare:<experiments or runs>')", cli_only=True)
     tracking_uri: str = param("", "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the local store ./mlflow.db)", cli_only=True)
 
@@ -299,7 +301,7 @@ class CompareConfig:
 
         return CompareSpec(experiments=self.experiment, runs=self.runs, filter=self.filter,
                            baseline=self.baseline, view=self.view, metrics=self.metrics,
-                           directions=self.directions, formats=self.format)
+                           directions=self.directions, formats=self.format, statuses=self.status)
 
     def __post_init__(self):
         coerce_fields(self)

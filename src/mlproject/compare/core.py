@@ -183,6 +183,10 @@ def compute(runset: RunSet, spec: CompareSpec) -> CompareResult:
             tables["ranking_delta"] = delta
             tables["ranking_lists"] = T.ranking_lists(delta)
     tables["pareto"] = T.pareto_table(runs, metrics, scores)
+    if runset.left_out:
+        counts = ", ".join(f"{n} {st}" for st, n in sorted(runset.left_out.items()))
+        notes.append(f"left out runs that did not finish ({counts}); compare them with status=all "
+                     "(a RUNNING run whose process is gone: mlproject runs reap)")
     if not len(scope):
         notes.append("no runs matched")
     return CompareResult(spec=spec, runset=runset, tables=tables, scores=scores, directions=d,
@@ -206,7 +210,7 @@ def build(client_or_uri, spec: CompareSpec, *, exclude_run_ids=()) -> CompareRes
     t0 = time.perf_counter()
     runset = query.fetch_runs(client_or_uri, spec.experiments, spec.runs, spec.filter,
                               page_size=spec.page_size, parallel=spec.parallel,
-                              exclude_run_ids=exclude_run_ids)
+                              exclude_run_ids=exclude_run_ids, statuses=spec.statuses)
     t1 = time.perf_counter()
     result = compute(runset, spec)
     t2 = time.perf_counter()
@@ -215,6 +219,7 @@ def build(client_or_uri, spec: CompareSpec, *, exclude_run_ids=()) -> CompareRes
         "lineage_runs": int((~runset.runs["in_scope"].astype(bool)).sum()),
         "metrics": int(runset.metrics.shape[1]),
         "requests": runset.requests,
+        "left_out": int(sum(runset.left_out.values())),
         "query_s": round(t1 - t0, 3),
         "tables_s": round(t2 - t1, 3),
     }

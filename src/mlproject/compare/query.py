@@ -84,6 +84,7 @@ class RunSet:
     metrics: pd.DataFrame
     order: list[str] = field(default_factory=list)
     requests: int = 0
+    left_out: dict[str, int] = field(default_factory=dict)  # status -> runs left out for it
 
     @classmethod
     def from_records(cls, records: Iterable[dict], order: Sequence[str] = (),
@@ -177,6 +178,7 @@ def fetch_runs(
     exclude_run_ids: Iterable[str] = (),
     exclude_steps: Iterable[str] = ("compare", "pipeline", "search"),
     lineage: bool = True,
+    statuses: Iterable[str] | None = None,
 ) -> RunSet:
     """Search the tracking server; see the module docstring. Raises UserError on bad input."""
     from mlflow.exceptions import MlflowException
@@ -223,6 +225,12 @@ def fetch_runs(
     scope = {rid: r for rid, r in runs.items()
              if rid not in excluded and r["tags"].get(TAG_KEYS["step"]) not in steps_out
              and REUSED_TAG not in r["tags"]}
+    left_out: dict[str, int] = {}
+    if statuses is not None:
+        wanted, named = set(statuses), set(run_ids)
+        for rid in [rid for rid, r in scope.items() if r["status"] not in wanted and rid not in named]:
+            status = scope.pop(rid)["status"]
+            left_out[status] = left_out.get(status, 0) + 1
 
     extra: dict[str, object] = {}
     if lineage and scope:
@@ -248,7 +256,9 @@ def fetch_runs(
     records += [_finish(r, exp_names, False) for rid, r in extra.items() if rid not in scope]
     log.info("fetched %d runs (+%d lineage) in %d requests", len(scope),
              len(records) - len(scope), requests)
-    return RunSet.from_records(records, order=order, requests=requests)
+    out = RunSet.from_records(records, order=order, requests=requests)
+    out.left_out = left_out
+    return out
 
 
 def _fetch_lineage(client, scope: dict, exp_ids: list[str]) -> tuple[dict, int]:

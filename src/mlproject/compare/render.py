@@ -141,8 +141,12 @@ def _title(result) -> str:
 
 def _scope_line(result) -> str:
     spec, runs = result.spec, result.runset.runs
-    n = int(runs["in_scope"].astype(bool).sum())
-    bits = [f"{n} runs"]
+    scope = runs[runs["in_scope"].astype(bool)]
+    n = len(scope)
+    unfinished = scope["status"].astype("object").fillna("FINISHED")
+    unfinished = unfinished[unfinished != "FINISHED"].value_counts()
+    bits = [f"{n} runs" + (" (" + ", ".join(f"{c} {st}" for st, c in sorted(unfinished.items())) + ")"
+                           if len(unfinished) else "")]
     if spec.experiments:
         bits.append("experiment " + ", ".join(f"`{e}`" for e in spec.experiments))
     if spec.filter:

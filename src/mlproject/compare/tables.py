@@ -59,6 +59,11 @@ def run_labels(runs: pd.DataFrame) -> pd.Series:
                                                     pd.Series(runs.index.str[:8], index=runs.index))
     dup = names.duplicated(keep=False)
     names = names.where(~dup, names + " (" + runs.index.str[:6] + ")")
+    if "status" in runs:
+        # A run that did not finish is never shown as if it had (a RUNNING run left by a
+        # killed process must not look like a medal winner).
+        status = runs["status"].astype("object").fillna("FINISHED")
+        names = names.where(status.isin(["FINISHED", "", None]), names + " [" + status.astype(str) + "]")
     return names.astype(str)
 
 

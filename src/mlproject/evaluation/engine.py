@@ -78,8 +78,19 @@ class EvalOutcome:
 def measure(loaded, plan: EvalPlan, on_metrics: Callable[[dict[str, float]], None] | None = None) -> EvalOutcome:
     """Compute PPL and task metrics of a loaded model (``models.loading.LoadedModel``); each
     part goes to `on_metrics` as soon as it is known, so a later failure loses nothing
-    already measured."""
-    on_metrics = on_metrics or (lambda metrics: None)
+    already measured. ``eval_seconds`` leaves out the time `on_metrics` took (handing results
+    to a slow or vanished tracking server is not evaluation time)."""
+    sink = on_metrics or (lambda metrics: None)
+    stalled = 0.0
+
+    def on_metrics(metrics: dict[str, float]) -> None:
+        nonlocal stalled
+        t0 = time.perf_counter()
+        try:
+            sink(metrics)
+        finally:
+            stalled += time.perf_counter() - t0
+
     import torch
 
     torch.manual_seed(plan.opts.seed)
@@ -114,7 +125,7 @@ def measure(loaded, plan: EvalPlan, on_metrics: Callable[[dict[str, float]], Non
         if hr.avg_acc is not None:
             out.metrics["avg_acc"] = hr.avg_acc
         on_metrics({k: v for k, v in out.metrics.items() if not k.startswith(("ppl/", "nll/"))})
-    out.seconds = time.perf_counter() - start
+    out.seconds = time.perf_counter() - start - stalled
     out.metrics["eval_seconds"] = out.seconds
     on_metrics({"eval_seconds": out.seconds})
     return out

@@ -39,7 +39,11 @@ def check_dataset(spec: str) -> str | None:
         return spec
     path = Path(spec).expanduser()
     if path.is_file():
-        return path.stem
+        from mlproject.redaction import redact
+
+        # The name becomes metric names (ppl/<name>) and printed lines: no secret from a
+        # signed-URL-like file name (…?token=…) may pass through it.
+        return redact(path.stem)
     raise UserError(
         f"unknown ppl_dataset {spec!r}: use {', '.join(BUILTIN_DATASETS)}, none, or a text file path"
     )

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -32,7 +31,9 @@ Fetch = Callable[[str], Path]
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("MLPROJECT_CACHE", Path.home() / ".cache" / "mlproject"))
+    from mlproject.paths import cache_root as root
+
+    return root()
 
 
 @dataclass
@@ -115,7 +116,10 @@ def converted_gguf_dir(ref: ModelRef) -> Path:
             del config.quantization_config
         plain = AutoModelForCausalLM.from_config(config)
         plain.load_state_dict(gguf_model.state_dict())
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp"))
+        from mlproject.paths import shared_mkdtemp
+
+        # Not tempfile.mkdtemp: its 0700 would make a shared cache unreadable to the others.
+        tmp = shared_mkdtemp(out.parent, out.name + ".tmp")
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / META_FILE).write_text(json.dumps({
@@ -242,6 +246,37 @@ def apply_extra_adapter(loaded: LoadedModel, adapter: str | None, fetch: Fetch |
     loaded = _apply_adapter(loaded, src, fetch)
     loaded.adapter = adapter
     return loaded
+
+
+def check_hub(ref: ModelRef, filename: str = "config.json", timeout: float = 10.0) -> None:
+    """A Hugging Face id (or an alias of one) must exist before a run opens.
+
+    In the local cache: fine. Hub offline (``HF_HUB_OFFLINE=1``) and not cached: UserError at
+    once, instead of a run that fails after the experiment and run were created. Hub online:
+    one metadata request; an unknown id is a UserError, an unreachable hub only a warning
+    (loading decides, e.g. from a cache this check does not know).
+    """
+    if ref.kind not in ("hub", "alias") or ref.gguf:
+        return
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    repo = ref.target
+    if isinstance(try_to_load_from_cache(repo, filename), str):
+        return
+    if constants.is_offline_mode():
+        raise UserError(f"model {ref.raw!r} ({repo}) is not in the local Hugging Face cache and the hub is "
+                        "offline (HF_HUB_OFFLINE=1): download it where the hub is reachable, or pass a local directory")
+    try:
+        HfApi().model_info(repo, timeout=timeout)
+    except GatedRepoError:
+        raise UserError(f"model {ref.raw!r} ({repo}) is gated on the Hugging Face hub: accept its terms there "
+                        "and set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"model {ref.raw!r} not found on the Hugging Face hub (a private repository needs "
+                        "HF_TOKEN)") from None
+    except Exception as exc:  # network trouble: loading will tell, maybe from a cache
+        log.warning("could not check %s on the Hugging Face hub (%s)", repo, str(exc).splitlines()[0] if str(exc) else exc)
 
 
 def resolve_adapter(adapter: str) -> ModelRef:

@@ -43,8 +43,9 @@ def check_model_args(model: str, adapter: str, device: str, dtype: str):
     from mlproject.models.reference import resolve
 
     ref = resolve(model)
+    loading.check_hub(ref)  # an unknown or uncached hub id fails here, before any run exists
     if adapter:
-        loading.resolve_adapter(adapter)
+        loading.check_hub(loading.resolve_adapter(adapter), "adapter_config.json")
     device = loading.pick_device(device)
     return ref, device, loading.pick_dtype(dtype, device)
 

@@ -40,7 +40,7 @@ def run(cfg: CompareConfig, parent: tracking.Run | None = None) -> StepResult:
         run.log_params({"experiment": cfg.experiment, "runs": cfg.runs, "filter": cfg.filter,
                         "baseline": cfg.baseline, "view": ",".join(spec.view),
                         "metrics": cfg.metrics, "directions": cfg.directions,
-                        "format": ",".join(spec.formats)})
+                        "format": ",".join(spec.formats), "status": ",".join(spec.statuses)})
         stats = {f"compare/{k}": v for k, v in result.stats.items() if isinstance(v, (int, float))}
         run.log_metrics(stats)
         with tempfile.TemporaryDirectory(prefix="mlproject-compare-") as tmp:

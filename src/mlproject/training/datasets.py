@@ -118,11 +118,39 @@ def load_training_data(spec: str, method: str) -> "datasets.Dataset":
     except UserError:
         raise
     except Exception as exc:  # hub unreachable, unknown id, malformed file: one line for the user
+        bad = _bad_json_line(Path(kwargs["data_files"])) if path == "json" else None
+        if bad:
+            raise UserError(f"dataset {kwargs['data_files']}: line {bad[0]} is not valid JSON ({bad[1]})") from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"could not load dataset {spec!r}: {first}") from exc
     if len(ds) == 0:
         raise UserError(f"dataset {spec!r} has no rows")
     return normalize(ds, method)
+
+
+def _bad_json_line(path: Path) -> tuple[int, str] | None:
+    """The first line of a JSON Lines file that is not one JSON value: (line number, why).
+    None when every line parses (or the file is one pretty-printed JSON document)."""
+    import json
+
+    try:
+        with path.open(encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        return (1, str(exc)) if isinstance(exc, UnicodeDecodeError) else None
+    try:
+        json.loads(text)
+        return None  # a single JSON document, not JSON Lines
+    except json.JSONDecodeError:
+        pass
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+        except json.JSONDecodeError as exc:
+            return number, f"{exc.msg} at column {exc.colno}"
+    return None
 
 
 def normalize(ds: "datasets.Dataset", method: str) -> "datasets.Dataset":
