@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from mlproject import tracking
-from mlproject.config import EvalOptions, EvaluateConfig
+from mlproject.config import CodeEvalOptions, EvalOptions, EvaluateConfig
 from mlproject.evaluation import harness, perplexity
 from mlproject.models import loading
 from mlproject.report import render
@@ -31,6 +31,7 @@ class EvalPlan:
     batch_size: int | str
     ppl_name: str | None
     num_fewshot: int | None
+    code: Any = None  # evaluation.code.scoring.CodeSettings when code tasks are requested
 
     def params(self) -> dict[str, Any]:
         return {
@@ -38,17 +39,34 @@ class EvalPlan:
             "num_fewshot": self.num_fewshot if self.num_fewshot is not None else "task default",
             "batch_size": self.batch_size, "ppl_dataset": self.opts.ppl_dataset,
             "seqlen": self.opts.seqlen, "ppl_batch_size": self.opts.ppl_batch_size, "seed": self.opts.seed,
+            **self.code_params(),
         }
+
+    def code_params(self) -> dict[str, Any]:
+        """Code tasks: how they were scored and the unsafe-code gates opened (params + report)."""
+        if self.code is None:
+            return {}
+        from mlproject.evaluation.code.lmeval import gates_for
+
+        return {**{f"code.{k}": v for k, v in self.code.describe().items()},
+                **{f"code.gate.{k}": v for k, v in gates_for(self.tasks).items()}}
 
 
 def plan_eval(opts: EvalOptions) -> EvalPlan:
+    from mlproject.evaluation.code import lmeval, tasks as code_tasks
+
     tasks = harness.expand_tasks(opts.tasks)
     harness.validate_tasks(tasks)
+    code = None
+    if any(code_tasks.is_code_task(t) for t in tasks):
+        lmeval.check_requirements(tasks)
+        # Steps without code parameters (quantize, prune, finetune) score with the defaults.
+        code = (opts if isinstance(opts, CodeEvalOptions) else CodeEvalOptions()).code_settings()
     return EvalPlan(
         opts=opts, tasks=tasks, limit=harness.parse_limit(opts.limit),
         batch_size=harness.parse_batch_size(opts.batch_size),
         ppl_name=perplexity.check_dataset(opts.ppl_dataset),
-        num_fewshot=None if opts.num_fewshot < 0 else opts.num_fewshot,
+        num_fewshot=None if opts.num_fewshot < 0 else opts.num_fewshot, code=code,
     )
 
 
@@ -94,7 +112,7 @@ def measure(loaded: loading.LoadedModel, plan: EvalPlan,
     if plan.tasks:
         hr = harness.run_tasks(
             model, tok, plan.tasks, limit=plan.limit, num_fewshot=plan.num_fewshot,
-            batch_size=plan.batch_size, seed=plan.opts.seed,
+            batch_size=plan.batch_size, seed=plan.opts.seed, code=plan.code,
         )
         out.harness = hr
         out.metrics.update(hr.metrics)
@@ -119,6 +137,11 @@ def evaluate_loaded(loaded: loading.LoadedModel, plan: EvalPlan, run: tracking.R
         import json
 
         run.set_tags({f"{tracking.TAG_PREFIX}{prefix.replace('/', '.')}avg_acc_metrics": json.dumps(out.harness.avg_metrics)})
+        if out.harness.code is not None:  # per-problem results: compare reads them back
+            for task, res in out.harness.code.results.items():
+                run.log_dict(res.artifact(plan.code), f"code/{prefix}{task}.json")
+            run.set_tags({f"{tracking.TAG_PREFIX}unsafe_code": "lm-eval gates opened on purpose ("
+                          + "; ".join(f"{k}={v}" for k, v in out.harness.code.gates.items()) + ")"})
     return out
 
 
@@ -136,6 +159,11 @@ def report(title: str, run: tracking.Run, step: str, params: dict, plan: EvalPla
 
     # The snapshot step_run logged as env.json: report and artifact agree, collected once.
     env = run.env or envinfo.collect()
+    if out.harness is not None and out.harness.code is not None:
+        from mlproject.evaluation.code.lmeval import report_section
+
+        extra_sections = {"Code execution": report_section(out.harness.code, plan.code),
+                          **(extra_sections or {})}
     return render(
         title=title,
         run_info={"run id": run.run_id, "step": step, "started": env["time"],
