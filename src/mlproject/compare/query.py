@@ -31,6 +31,7 @@ lineage runs living in other experiments). It grows with pages, not with runs.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -481,9 +482,19 @@ def fetch_code_problems(client_or_uri, runset: RunSet, parallel: int = DEFAULT_P
 
     rows = []
     if jobs:
-        with ThreadPoolExecutor(max(1, min(parallel, len(jobs)))) as pool:
-            for part in pool.map(get, jobs):
-                rows.extend(part)
+        # one progress bar per tiny download would flood the terminal
+        bar_env = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+        before = os.environ.get(bar_env)
+        os.environ[bar_env] = "false"
+        try:
+            with ThreadPoolExecutor(max(1, min(parallel, len(jobs)))) as pool:
+                for part in pool.map(get, jobs):
+                    rows.extend(part)
+        finally:
+            if before is None:
+                os.environ.pop(bar_env, None)
+            else:
+                os.environ[bar_env] = before
     runset.problems = pd.DataFrame(rows, columns=PROBLEM_COLUMNS).astype(
         {"time_s": "float64", "ref_time_s": "float64", "time_ratio": "float64"})
     runset.requests += len(jobs)
