@@ -2,7 +2,9 @@
 
 Executed as a script (``python -I -B _child.py``), never imported by the evaluating process.
 Standard library only, and no module that starts processes (``ctypes.util`` would import
-``subprocess``). It reads one job (JSON) on stdin, confines itself, runs the program and its
+``subprocess``); no ``json``, ``signal`` or ``re`` either: their imports (enum, re) would
+double the start-up time of every program. It reads one job (``marshal``, written by the
+parent) on stdin, confines itself, runs the program and its
 tests, optionally times the program against a reference on a timing input, writes one JSON
 result to the file descriptor the parent passed, and leaves with ``os._exit`` (so atexit
 handlers the program registered never run).
@@ -22,12 +24,12 @@ Confinement, in order (each layer is described in README "Running generated code
    This is the only layer that still stops a fork bomb when the evaluation runs as root.
 """
 
+import _signal
 import builtins
 import gc
-import json
+import marshal
 import os
 import resource
-import signal
 import sys
 import time
 
@@ -65,7 +67,7 @@ def _set_limits(lim: dict) -> dict:
     _limit(resource.RLIMIT_FSIZE, int(lim["file_size_mb"]) * 2**20)
     _limit(resource.RLIMIT_CORE, 0)
     _limit(resource.RLIMIT_NOFILE, 256)
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    _signal.signal(_signal.SIGXFSZ, _signal.SIG_IGN)
     nproc = None
     if os.geteuid() != 0 and hasattr(resource, "RLIMIT_NPROC") and os.path.isdir("/proc"):
         # RLIMIT_NPROC counts every process of this user, not just ours (root is exempt).
@@ -319,9 +321,34 @@ def _time(job: dict, cand_ns: dict) -> dict:
     return out
 
 
+def _json(value) -> str:
+    """JSON for the result (str, int, float, bool, None, list, dict): the parent parses it
+    with ``json.loads``, which stays safe whatever a hostile program makes this process say."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if value == value and value not in (float("inf"), float("-inf")) \
+            else "null"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_json(str(k))}: {_json(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_json(v) for v in value) + "]"
+    out = []
+    for c in str(value):
+        if c in '"\\':
+            out.append("\\" + c)
+        elif ord(c) < 0x20 or 0xD800 <= ord(c) <= 0xDFFF:
+            out.append(f"\\u{ord(c):04x}")
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'
+
+
 def main() -> None:
     t_start = time.perf_counter()
-    job = json.loads(sys.stdin.buffer.read())
+    job = marshal.loads(sys.stdin.buffer.read())
     result_fd = int(job["result_fd"])
     os.set_inheritable(result_fd, False)
     lim = job["limits"]
@@ -348,7 +375,7 @@ def main() -> None:
         sys.stderr.flush()
     except BaseException:  # noqa: BLE001, S110 - the program may have closed them
         pass
-    data = json.dumps(res, default=str).encode()
+    data = _json(res).encode("utf-8", "replace") + b"\n"  # one line: the parent reads to it
     while data:
         data = data[os.write(result_fd, data):]
     os._exit(0)

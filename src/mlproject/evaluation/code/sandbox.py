@@ -27,8 +27,10 @@ A hung, crashing, memory-hungry or process-spawning program fails its problem wi
 from __future__ import annotations
 
 import json
+import marshal
 import math
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -169,7 +171,6 @@ def run(program: str, test: str | None = None, *, timing: dict | None = None,
                "limits": {"cpu_s": cpu, "memory_mb": limits.memory_mb,
                           "max_procs": limits.max_procs, "file_size_mb": limits.file_size_mb,
                           "landlock": limits.landlock}}
-        timed_out = False
         t0 = time.perf_counter()
         try:
             with open(out_path, "wb") as out, open(err_path, "wb") as err:
@@ -177,35 +178,50 @@ def run(program: str, test: str | None = None, *, timing: dict | None = None,
                     [python or sys.executable, "-I", "-B", str(CHILD)], stdin=subprocess.PIPE,
                     stdout=out, stderr=err, cwd=work, env=clean_env(work),
                     start_new_session=True, pass_fds=(write_fd,), close_fds=True)
+        except BaseException:
+            os.close(read_fd)
+            raise
         finally:
             os.close(write_fd)
         try:
-            try:
-                proc.communicate(json.dumps(job).encode(), timeout=wall)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-            except BrokenPipeError:  # died before reading its job
-                proc.wait(timeout=wall)
+            # marshal: the child loads it without importing json (10 ms of start-up saved)
+            raw, timed_out = _exchange(proc, read_fd, marshal.dumps(job), t0 + wall)
         finally:
+            os.close(read_fd)
             _kill_group(proc.pid)  # on timeout, and whatever a finished program left behind
             proc.wait()
         wall_s = time.perf_counter() - t0
-        os.set_blocking(read_fd, False)
-        chunks = []
-        try:
-            while chunk := os.read(read_fd, 1 << 16):
-                chunks.append(chunk)
-        except BlockingIOError:  # a leftover process still holds the write end
-            pass
-        finally:
-            os.close(read_fd)
-        res = _result(b"".join(chunks), proc.returncode, timed_out, wall, cpu)
+        res = _result(raw, proc.returncode, timed_out, wall, cpu)
         res.wall_s = wall_s
         res.stdout = _tail(out_path, limits.output_bytes)
         res.stderr = _tail(err_path, limits.output_bytes)
         return res
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _exchange(proc: subprocess.Popen, read_fd: int, job: bytes, deadline: float) -> tuple[bytes, bool]:
+    """Send the job, then wait on the result pipe: the child writes one JSON line and exits.
+
+    Waiting on the pipe (not ``Popen.wait(timeout)``, which polls with sleeps of up to 50 ms)
+    returns as soon as the result is there, or at EOF when the child died without one.
+    Returns (result bytes, timed out).
+    """
+    try:
+        proc.stdin.write(job)
+        proc.stdin.close()
+    except BrokenPipeError:  # died before reading its job: EOF on the pipe tells the rest
+        pass
+    buf = b""
+    while not buf.endswith(b"\n"):
+        remaining = deadline - time.perf_counter()
+        if remaining <= 0 or not select.select([read_fd], [], [], remaining)[0]:
+            return buf, True
+        chunk = os.read(read_fd, 1 << 16)
+        if not chunk:
+            break
+        buf += chunk
+    return buf, False
 
 
 def _result(raw: bytes, rc: int, timed_out: bool, wall: float, cpu: int) -> ExecResult:
