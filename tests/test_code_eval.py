@@ -51,7 +51,8 @@ def test_code_metrics_are_logged_and_agree_with_the_per_problem_artifact(code_ru
     assert m["avg_acc"] == pytest.approx((m["code_offline/pass_at_1"] + m["mlp_arith/acc_norm"]) / 2)
     raw = json.loads(_artifact(client, run, "lm_eval/results.json", tmp_path))
     assert raw["results"]["code_offline"]["pass_at_1,none"] == m["code_offline/pass_at_1"]
-    assert not any(k.startswith("bypass") for k in raw["results"]["code_offline"])
+    assert not any(k.startswith(("bypass", "sample_len")) for k in raw["results"]["code_offline"])
+    assert "code_offline/sample_len" not in m
     assert raw["mlproject_code"]["gates"]["confirm_run_unsafe_code"] == "true"
 
 

@@ -69,16 +69,10 @@ def code_eval_gate(open_it: bool) -> Iterator[None]:
             os.environ[GATE_ENV] = before
 
 
-def check_requirements(tasks: list[str]) -> None:
+def check_requirements(tasks: list[str]) -> None:  # noqa: ARG001 - one place for future checks
     """Cheap checks before any model loads (raise UserError)."""
-    import importlib.util
-
     from mlproject.errors import UserError
 
-    hub = [t for t in tasks if t in code_tasks.HUB_CODE_TASKS]
-    if hub and importlib.util.find_spec("evaluate") is None:
-        raise UserError(f"task {hub[0]!r} needs the `evaluate` package (lm-eval's code tasks "
-                        "import it): pip install evaluate")
     try:
         import resource  # noqa: F401 - the sandbox's limits are POSIX rlimits
     except ImportError:
@@ -111,8 +105,8 @@ def run_code_tasks(lm, tasks: list[str], *, settings: CodeSettings, task_manager
     scored: dict[str, CodeTaskResult] = {}
     for task in tasks:
         scored[task] = score(code_tasks.problems(task, samples.get(task, [])), settings)
-        entry = {k: v for k, v in results["results"].get(task, {}).items()
-                 if not k.startswith("bypass")}
+        # only our metrics: lm-eval's entry holds `bypass` (999) and `sample_len` here
+        entry = {k: v for k, v in results["results"].get(task, {}).items() if k == "alias"}
         entry.update({f"{k},none": v for k, v in scored[task].metrics.items()})
         results["results"][task] = entry
         hib = results.setdefault("higher_is_better", {}).setdefault(task, {})
