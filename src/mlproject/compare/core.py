@@ -150,6 +150,9 @@ def compute(runset: RunSet, spec: CompareSpec) -> CompareResult:
         elif not cs.problems:
             notes.append(f"{task}: no problem was solved by all {len(cs.runs)} runs; run "
                          "times cannot be compared (N/A)")
+        elif "versus" in spec.view:
+            notes.append(f"{task}: avg_time_s and time_ratio are over the {len(cs.problems)} "
+                         f"problems all {len(cs.runs)} compared runs solved, in every view")
     scores = T.task_scores(runs, metrics)
     lin = T.lineage(runs)
     selected = T.select_metrics(spec.metrics, metrics.columns, scores) if spec.metrics else None
