@@ -48,7 +48,8 @@ class EvalPlan:
             return {}
         from mlproject.evaluation.code.lmeval import gates_for
 
-        return {**{f"code.{k}": v for k, v in self.code.describe().items()},
+        # not the pool size: it changes no number, and params feed the cache key
+        return {**{f"code.{k}": v for k, v in self.code.describe().items() if k != "workers"},
                 **{f"code.gate.{k}": v for k, v in gates_for(self.tasks).items()}}
 
 
