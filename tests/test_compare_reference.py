@@ -847,6 +847,13 @@ def test_reference_prose_and_summary_claims(server):
     # summary 3: sft-qfs and sft-qra are less efficient than sft on humaneval+
     for short in ("sft-qfs", "sft-qra"):
         assert category(sft_lists, "humanevalplus", short) == slower
+    # the "基准值" line above each delta table: the baseline's own values
+    md = sft.markdown()
+    for bench, ref in CODE_DPO.items():
+        row = next(r for r in _rows(ref["table"]) if r[0] == BASELINE)
+        section = md.split(f"### {bench} vs baseline: {BASELINE}")[1]
+        line = next(ln for ln in section.splitlines() if ln.startswith("Baseline values:"))
+        assert f"avg_time {row[1]}" in line and f"pass_at_1 {row[2]}" in line, (bench, line)
 
 
 def test_versus_guide_workflow_with_significance(server):
