@@ -102,6 +102,36 @@ class EvalOptions:
 
 
 @dataclass
+class CodeEvalOptions:
+    """How code tasks (humaneval, mbpp, their _plus variants, code_offline) are scored."""
+
+    code_samples: int = param(1, "code tasks: completions per problem; 1 = greedy pass@1, n > 1 samples "
+                              "(temperature 0.8, top_p 0.95) and adds pass@10/pass@100 where k <= n "
+                              "(unbiased estimator)")
+    code_timeout: float = param(10.0, "code tasks: wall-clock seconds per program run (the process group is "
+                                "killed after it); CPU time, 1 GiB of memory, processes and file size are "
+                                "limited too")
+    code_timing_repeats: int = param(7, "code tasks: timed batches of each passing solution and of the "
+                                     "reference (interleaved, medians -> time_ratio); 0 = no timing")
+
+    def __post_init__(self):
+        coerce_fields(self)
+        if self.code_samples < 1:
+            raise UserError(f"code_samples {self.code_samples} must be at least 1")
+        if not 0 < self.code_timeout <= 3600:
+            raise UserError(f"code_timeout {self.code_timeout} must be in (0, 3600] seconds")
+        if self.code_timing_repeats < 0:
+            raise UserError(f"code_timing_repeats {self.code_timing_repeats} must be >= 0")
+
+    def code_settings(self):
+        from mlproject.evaluation.code.sandbox import Limits
+        from mlproject.evaluation.code.scoring import CodeSettings
+
+        return CodeSettings(samples=self.code_samples, limits=Limits(timeout_s=self.code_timeout),
+                            timing_repeats=self.code_timing_repeats)
+
+
+@dataclass
 class ModelOptions:
     """Which model, and how it is placed."""
 
@@ -113,13 +143,14 @@ class ModelOptions:
 
 
 @dataclass
-class EvaluateConfig(EvalOptions, ModelOptions, RunOptions):
+class EvaluateConfig(CodeEvalOptions, EvalOptions, ModelOptions, RunOptions):
     """`evaluate`: perplexity + lm-eval tasks of one model, recorded as one MLflow run."""
 
     role: str = param("", "role tag for compare (default: 'base' for a model not produced by a run, else 'eval')")
 
     def __post_init__(self):
         EvalOptions.__post_init__(self)
+        CodeEvalOptions.__post_init__(self)
 
 
 EVALUATE_RESULT_HELP = "evaluate the step's output model (PPL + tasks) in the same run"

@@ -70,7 +70,8 @@ def render(
         parts.append(
             f"**avg_acc = {avg_acc:.4f}** — the plain mean over the {len(avg_metrics or {})} requested "
             f"top-level tasks/groups, each counted once (a group by its own aggregate, never its "
-            f"subtasks), with acc_norm where reported, else acc, else exact_match/f1. Used: {used}."
+            f"subtasks), with acc_norm where reported, else acc, else exact_match/f1 (pass_at_1 for a code task). "
+            f"Used: {used}."
         )
     for heading, body in (extra_sections or {}).items():
         parts += [f"## {heading}", body]

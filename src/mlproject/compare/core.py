@@ -29,6 +29,7 @@ class CompareResult:
     ranking, ranking_delta, ranking_lists: medals per benchmark and metric; deltas and
         speedups against the baseline; categories ("better on every metric", …).
     pareto: mean accuracy vs PPL / size with Pareto-front flags.
+    code_common: per code task, the problems every compared run solved (times use them).
     A table is absent when its view was not asked for or had nothing to show.
     """
 
@@ -40,6 +41,8 @@ class CompareResult:
     baseline: T.Baseline | None = None
     notes: list[str] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
+    #: code tasks: the problems every compared run solved, on which times are compared
+    common: dict[str, T.CommonSet] = field(default_factory=dict)
 
     @cached_property
     def tidy(self) -> pd.DataFrame:
@@ -135,6 +138,21 @@ def compute(runset: RunSet, spec: CompareSpec) -> CompareResult:
     runs, metrics = runset.runs, runset.metrics
     d = Directions(spec.directions)
     notes: list[str] = []
+    # Code tasks: run times are compared on the problems all runs solved (logged averages are
+    # over each run's own solved problems). The tidy table keeps the logged values.
+    metrics, common = T.common_problem_metrics(runs, metrics, runset.problems)
+    for task, cs in common.items():
+        if cs.missing:
+            notes.append(f"{task}: no per-problem results (artifact code/{task}.json) for "
+                         f"{len(cs.missing)} of {len(cs.runs)} runs, so avg_time_s and "
+                         "time_ratio are each run's own average over the problems it solved, "
+                         "not a like-for-like comparison")
+        elif not cs.problems:
+            notes.append(f"{task}: no problem was solved by all {len(cs.runs)} runs; run "
+                         "times cannot be compared (N/A)")
+        elif "versus" in spec.view:
+            notes.append(f"{task}: avg_time_s and time_ratio are over the {len(cs.problems)} "
+                         f"problems all {len(cs.runs)} compared runs solved, in every view")
     scores = T.task_scores(runs, metrics)
     lin = T.lineage(runs)
     selected = T.select_metrics(spec.metrics, metrics.columns, scores) if spec.metrics else None
@@ -187,10 +205,15 @@ def compute(runset: RunSet, spec: CompareSpec) -> CompareResult:
         counts = ", ".join(f"{n} {st}" for st, n in sorted(runset.left_out.items()))
         notes.append(f"left out runs that did not finish ({counts}); compare them with status=all "
                      "(a RUNNING run whose process is gone: mlproject runs reap)")
+    if common:
+        tables["code_common"] = pd.DataFrame(
+            [{"task": c.task, "runs": len(c.runs), "common_problems": len(c.problems),
+              "problems_seen": c.total, "applied": c.applied, "missing_runs": c.missing,
+              "problems": c.problems} for c in common.values()])
     if not len(scope):
         notes.append("no runs matched")
     return CompareResult(spec=spec, runset=runset, tables=tables, scores=scores, directions=d,
-                         baseline=base, notes=notes)
+                         baseline=base, notes=notes, common=common)
 
 
 def build(client_or_uri, spec: CompareSpec, *, exclude_run_ids=()) -> CompareResult:
@@ -211,6 +234,8 @@ def build(client_or_uri, spec: CompareSpec, *, exclude_run_ids=()) -> CompareRes
     runset = query.fetch_runs(client_or_uri, spec.experiments, spec.runs, spec.filter,
                               page_size=spec.page_size, parallel=spec.parallel,
                               exclude_run_ids=exclude_run_ids, statuses=spec.statuses)
+    if ("ranking" in spec.view or "versus" in spec.view) and query.code_tasks_of(runset.metrics):
+        query.fetch_code_problems(client_or_uri, runset, parallel=spec.parallel)
     t1 = time.perf_counter()
     result = compute(runset, spec)
     t2 = time.perf_counter()

@@ -31,6 +31,7 @@ lineage runs living in other experiments). It grows with pages, not with runs.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -85,6 +86,9 @@ class RunSet:
     order: list[str] = field(default_factory=list)
     requests: int = 0
     left_out: dict[str, int] = field(default_factory=dict)  # status -> runs left out for it
+    #: per-problem results of code tasks (``fetch_code_problems``): one row per (run, task,
+    #: problem); None when not fetched
+    problems: pd.DataFrame | None = None
 
     @classmethod
     def from_records(cls, records: Iterable[dict], order: Sequence[str] = (),
@@ -443,3 +447,69 @@ def _is_bad_request(exc) -> bool:
 
 def _first_line(text: str) -> str:
     return (text or "").strip().splitlines()[0] if text else ""
+
+
+#: Artifact each code task's per-problem results are logged to (steps/evaluate.py).
+CODE_ARTIFACT = "code/{task}.json"
+PROBLEM_COLUMNS = ["run_id", "task", "problem", "passed", "time_s", "ref_time_s", "time_ratio"]
+
+
+def code_tasks_of(metrics: pd.DataFrame) -> list[str]:
+    """Tasks scored by the code sandbox: they log ``<task>/timed``."""
+    return sorted({c.rsplit("/", 1)[0] for c in metrics.columns
+                   if c.endswith("/timed") and not c.startswith(("before/", "delta/"))})
+
+
+def fetch_code_problems(client_or_uri, runset: RunSet, parallel: int = DEFAULT_PARALLEL) -> int:
+    """Download the per-problem artifacts of every in-scope code run into ``runset.problems``.
+
+    One download per (run, code task). A run without the artifact (older runs, runs built from
+    metrics alone) simply has no rows; the tables then fall back to its logged averages.
+    Returns the number of requests made.
+    """
+    import json
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlflow.exceptions import MlflowException
+
+    client = _client(client_or_uri)
+    scope = runset.runs.index[runset.runs["in_scope"].astype(bool)]
+    jobs = [(rid, task) for task in code_tasks_of(runset.metrics)
+            for rid in scope if pd.notna(runset.metrics.at[rid, f"{task}/timed"])]
+
+    def get(job):
+        rid, task = job
+        with tempfile.TemporaryDirectory(prefix="mlproject-compare-") as tmp:
+            try:
+                path = client.download_artifacts(rid, CODE_ARTIFACT.format(task=task), tmp)
+                with open(path, encoding="utf-8") as fh:
+                    doc = json.load(fh)
+            except (MlflowException, OSError, ValueError) as exc:
+                log.info("no per-problem results for run %s, task %s: %s", rid, task,
+                         _first_line(str(exc)))
+                return []
+        return [{"run_id": rid, "task": task, "problem": str(p.get("id")),
+                 "passed": bool(p.get("c", 0)), "time_s": p.get("time_s"),
+                 "ref_time_s": p.get("ref_time_s"), "time_ratio": p.get("time_ratio")}
+                for p in doc.get("problems", [])]
+
+    rows = []
+    if jobs:
+        # one progress bar per tiny download would flood the terminal
+        bar_env = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+        before = os.environ.get(bar_env)
+        os.environ[bar_env] = "false"
+        try:
+            with ThreadPoolExecutor(max(1, min(parallel, len(jobs)))) as pool:
+                for part in pool.map(get, jobs):
+                    rows.extend(part)
+        finally:
+            if before is None:
+                os.environ.pop(bar_env, None)
+            else:
+                os.environ[bar_env] = before
+    runset.problems = pd.DataFrame(rows, columns=PROBLEM_COLUMNS).astype(
+        {"time_s": "float64", "ref_time_s": "float64", "time_ratio": "float64"})
+    runset.requests += len(jobs)
+    return len(jobs)

@@ -26,6 +26,7 @@ import pandas as pd
 
 from mlproject.compare import directions as dirs
 from mlproject.compare.directions import HIGHER, LOWER
+from mlproject.compare.tables import COMMON_TIME_METRICS
 
 NA = "N/A"
 GREEN, RED = "#1ABD76", "#E33D30"
@@ -41,6 +42,12 @@ MAX_PLOT_PANELS = 4
 def decimals(key: str, values=None) -> int:
     """Display precision for a metric key (see module docstring)."""
     lf = dirs.leaf(key).lower()
+    if dirs.is_time_like(key) and values is not None:
+        # seconds of generated code are often micro- to milliseconds: 3 significant digits
+        v = pd.Series(values, dtype="float64").abs()
+        small = v[(v > 0) & (v < 10)].min()
+        if pd.notna(small):
+            return int(min(8, max(2, 2 - math.floor(math.log10(small)))))
     if key.startswith(dirs.LOWER_FAMILIES) or lf in ("params_b",) or dirs.is_time_like(key):
         return 2
     if dirs.is_fraction_metric(key) or dirs.is_score(lf):
@@ -344,8 +351,23 @@ def _ranking_blocks(result, rk: pd.DataFrame, delta, lists, max_rows: int):
                 v, medal, worst = hit
                 row.append(Cell(fmt(v, dec[k]), medal or ("worst" if worst else None)))
             rows.append(row)
-        cols = ["Run"] + [f"{dirs.leaf(k)} {ARROW[d(k)]}".strip() for k in keys]
+        cs = result.common.get(bench)
+        on_common = cs is not None and cs.applied
+
+        def head(k, cs=cs, on_common=on_common):
+            text = f"{dirs.leaf(k)} {ARROW[d(k)]}".strip()
+            if on_common and dirs.leaf(k) in COMMON_TIME_METRICS:
+                text += f" (on {len(cs.problems)} common)"
+            return text
+
+        cols = ["Run"] + [head(k) for k in keys]
         out.append(Table(cols, rows, ["l"] + ["r"] * len(keys)))
+        if on_common and any(dirs.leaf(k) in COMMON_TIME_METRICS for k in keys):
+            out.append(Para(
+                f"Run times ({', '.join(COMMON_TIME_METRICS)}) compare the {len(cs.problems)} "
+                f"problems that all {len(cs.runs)} runs solved (of {cs.total} seen), so a run "
+                "that solves only easy problems cannot look fast; the other columns count "
+                "every problem."))
         if n_runs > len(run_order):
             out.append(Para(f"… {n_runs - len(run_order)} more runs in ranking.csv "
                             "(shown: best ranks)"))

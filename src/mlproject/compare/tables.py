@@ -769,6 +769,68 @@ def _map(s: pd.Series, fn) -> pd.Series:
     return s.map({k: fn(k) for k in s.dropna().unique()})
 
 
+# ----------------------------------------------------------------------------- code tasks
+
+#: Time metrics of code tasks recomputed on the problems every compared run solved.
+COMMON_TIME_METRICS = {"avg_time_s": "time_s", "time_ratio": "time_ratio"}
+
+
+@dataclass
+class CommonSet:
+    """For one code task: the problems every compared run solved (and timed)."""
+
+    task: str
+    runs: list[str]
+    problems: list[str]
+    total: int            # distinct problems seen across the runs
+    missing: list[str]    # runs without per-problem results (then: no common set)
+
+    @property
+    def applied(self) -> bool:
+        return not self.missing
+
+
+def common_problem_metrics(runs: pd.DataFrame, metrics: pd.DataFrame,
+                           problems: pd.DataFrame | None) -> tuple[pd.DataFrame, dict[str, CommonSet]]:
+    """Code tasks' ``avg_time_s`` / ``time_ratio`` recomputed per run over the problems that
+    *every* in-scope run with that task solved and timed, so a model solving only the easy
+    problems cannot win on speed. ``avg_time_s`` = mean seconds, ``time_ratio`` = geometric
+    mean of candidate / reference, as the evaluation defines them. Where a run lacks its
+    per-problem results, that task keeps the logged values (and says so)."""
+    if problems is None:
+        return metrics, {}
+    out = metrics.copy()
+    info: dict[str, CommonSet] = {}
+    scope = runs.index[runs["in_scope"].astype(bool)]
+    tasks = sorted({c.rsplit("/", 1)[0] for c in metrics.columns if c.endswith("/timed")
+                    and not dirs.is_reserved(c)})
+    for task in tasks:
+        members = [r for r in scope if pd.notna(metrics.at[r, f"{task}/timed"])]
+        if not members:
+            continue
+        pt = problems[(problems["task"] == task) & problems["run_id"].isin(members)]
+        have = set(pt["run_id"])
+        missing = [r for r in members if r not in have]
+        timed = pt[pt["time_s"].notna()]
+        counts = timed.groupby("problem")["run_id"].nunique()
+        common = sorted(counts.index[counts == len(members)]) if not missing else []
+        info[task] = CommonSet(task, members, common, int(pt["problem"].nunique()), missing)
+        if missing:
+            continue
+        sel = timed[timed["problem"].isin(common)]
+        for metric, col in COMMON_TIME_METRICS.items():
+            key = f"{task}/{metric}"
+            if key not in out:
+                continue
+            if metric == "time_ratio":  # ratios multiply: geometric mean
+                vals = np.log(sel[col].where(sel[col] > 0)).groupby(sel["run_id"]).mean()
+                vals = np.exp(vals)
+            else:
+                vals = sel.groupby("run_id")[col].mean()
+            out.loc[members, key] = vals.reindex(members).to_numpy(dtype="float64")
+    return out, info
+
+
 # ----------------------------------------------------------------------------- pareto
 
 def pareto_front(x: pd.Series, y: pd.Series, x_dir: str, y_dir: str) -> pd.Series:

@@ -34,6 +34,7 @@ class EvalPlan:
     batch_size: int | str
     ppl_name: str | None
     num_fewshot: int | None
+    code: Any = None  # evaluation.code.scoring.CodeSettings when code tasks are requested
 
     def params(self) -> dict[str, Any]:
         return {
@@ -42,7 +43,18 @@ class EvalPlan:
             "batch_size": self.batch_size, "ppl_dataset": self.opts.ppl_dataset,
             "seqlen": self.opts.seqlen, "ppl_batch_size": self.opts.ppl_batch_size,
             "ppl_windows": self.opts.ppl_windows or "all", "seed": self.opts.seed,
+            **self.code_params(),
         }
+
+    def code_params(self) -> dict[str, Any]:
+        """Code tasks: how they were scored and the unsafe-code gates opened (params + report)."""
+        if self.code is None:
+            return {}
+        from mlproject.evaluation.code.lmeval import gates_for
+
+        # not the pool size: it changes no number
+        return {**{f"code.{k}": v for k, v in self.code.describe().items() if k != "workers"},
+                **{f"code.gate.{k}": v for k, v in gates_for(self.tasks).items()}}
 
     @property
     def empty(self) -> bool:
@@ -52,13 +64,21 @@ class EvalPlan:
 
 def plan_eval(opts: EvalOptions) -> EvalPlan:
     """Validate and expand the options (unknown tasks / PPL text fail here, cheaply)."""
+    from mlproject.config import CodeEvalOptions
+    from mlproject.evaluation.code import lmeval, tasks as code_tasks
+
     tasks = harness.expand_tasks(opts.tasks)
     harness.validate_tasks(tasks)
+    code = None
+    if any(code_tasks.is_code_task(t) for t in tasks):
+        lmeval.check_requirements(tasks)
+        # Steps without code parameters (quantize, prune, finetune) score with the defaults.
+        code = (opts if isinstance(opts, CodeEvalOptions) else CodeEvalOptions()).code_settings()
     return EvalPlan(
         opts=opts, tasks=tasks, limit=harness.parse_limit(opts.limit),
         batch_size=harness.parse_batch_size(opts.batch_size),
         ppl_name=perplexity.check_dataset(opts.ppl_dataset),
-        num_fewshot=None if opts.num_fewshot < 0 else opts.num_fewshot,
+        num_fewshot=None if opts.num_fewshot < 0 else opts.num_fewshot, code=code,
     )
 
 
@@ -118,7 +138,7 @@ def measure(loaded, plan: EvalPlan, on_metrics: Callable[[dict[str, float]], Non
     if plan.tasks:
         hr = harness.run_tasks(
             model, tok, plan.tasks, limit=plan.limit, num_fewshot=plan.num_fewshot,
-            batch_size=plan.batch_size, seed=plan.opts.seed,
+            batch_size=plan.batch_size, seed=plan.opts.seed, code=plan.code,
         )
         out.harness = hr
         out.metrics.update(hr.metrics)

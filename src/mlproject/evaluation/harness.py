@@ -18,8 +18,10 @@ from mlproject.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# The accuracy-like metric a task contributes to avg_acc: the first one it reports.
-PREFERRED_METRICS = ("acc_norm", "acc", "math_verify", "exact_match", "f1", "em", "mc2", "mc1")
+# The accuracy-like metric a task contributes to avg_acc: the first one it reports. A code
+# task (humaneval, mbpp, code_offline …) reports only pass_at_k, and counts with pass_at_1.
+PREFERRED_METRICS = ("acc_norm", "acc", "math_verify", "exact_match", "f1", "em", "mc2", "mc1",
+                     "pass_at_1")
 # For metrics reported under several filters: flexible-extract beats strict-match.
 PREFERRED_FILTERS = ("none", "flexible-extract", "strict-match")
 
@@ -63,9 +65,9 @@ def task_manager(with_defaults: bool = True):
 
 
 def task_manager_for(tasks: list[str]):
-    from mlproject.evaluation.tasks import OFFLINE_TASKS
+    from mlproject.evaluation.tasks import BUNDLED_TASKS
 
-    return task_manager(with_defaults=not set(tasks) <= set(OFFLINE_TASKS))
+    return task_manager(with_defaults=not set(tasks) <= set(BUNDLED_TASKS))
 
 
 def validate_tasks(tasks: list[str]) -> None:
@@ -121,6 +123,7 @@ class HarnessResult:
     metrics: dict[str, float]  # <task>/<metric> -> value, stderr included
     avg_acc: float | None
     avg_metrics: dict[str, str]  # task -> metric key used for avg_acc
+    code: Any = None  # code.lmeval.CodeRun when code tasks ran (per-problem records, gates)
 
 
 def run_tasks(
@@ -133,12 +136,52 @@ def run_tasks(
     batch_size: int | str = 8,
     seed: int = 42,
     apply_chat_template: bool = False,
+    code=None,
 ) -> HarnessResult:
-    """Run lm-eval on an already loaded model (loaded once, shared with PPL)."""
-    import lm_eval
+    """Run lm-eval on an already loaded model (loaded once, shared with PPL).
+
+    Code tasks (``evaluation.code.tasks``) go through ``evaluation.code.lmeval``: lm-eval
+    generates, mlproject's sandbox runs the programs (``code``: a ``CodeSettings``).
+    """
     from lm_eval.models.huggingface import HFLM
 
+    from mlproject.evaluation.code.tasks import is_code_task
+
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    code_tasks = [t for t in tasks if is_code_task(t)]
+    other = [t for t in tasks if t not in code_tasks]
+    raw: dict = {}
+    if other:
+        raw = _run_lm_eval(lm, other, limit=limit, num_fewshot=num_fewshot, seed=seed,
+                           apply_chat_template=apply_chat_template)
+    code_run = None
+    if code_tasks:
+        from mlproject.evaluation.code.lmeval import run_code_tasks
+        from mlproject.evaluation.code.scoring import CodeSettings
+
+        code_run = run_code_tasks(lm, code_tasks, settings=code or CodeSettings(),
+                                  task_manager=task_manager_for(tasks), limit=limit,
+                                  num_fewshot=num_fewshot, seed=seed,
+                                  apply_chat_template=apply_chat_template)
+        raw = _merge(raw, serializable(code_run.raw))
+    metrics = flatten_metrics(raw.get("results", {}))
+    avg, chosen = mean_accuracy(raw.get("results", {}), tasks)
+    return HarnessResult(raw=raw, metrics=metrics, avg_acc=avg, avg_metrics=chosen, code=code_run)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    """Two lm-eval results JSONs as one: per-task tables joined, a's scalars kept."""
+    out = dict(b)
+    out.update({k: v for k, v in a.items() if not isinstance(v, dict)})
+    for k in set(a) | set(b):
+        if isinstance(a.get(k), dict) or isinstance(b.get(k), dict):
+            out[k] = {**(a.get(k) or {}), **(b.get(k) or {})}
+    return out
+
+
+def _run_lm_eval(lm, tasks: list[str], *, limit, num_fewshot, seed, apply_chat_template) -> dict:
+    import lm_eval
+
     results = lm_eval.simple_evaluate(
         model=lm,
         tasks=tasks,
@@ -155,15 +198,13 @@ def run_tasks(
         torch_random_seed=seed,
         fewshot_random_seed=seed,
     )
-    raw = serializable(dict(results))
-    metrics = flatten_metrics(raw.get("results", {}))
-    avg, chosen = mean_accuracy(raw.get("results", {}), tasks)
-    return HarnessResult(raw=raw, metrics=metrics, avg_acc=avg, avg_metrics=chosen)
+    return serializable(dict(results))
 
 
 def serializable(results: dict) -> dict:
     keep = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot",
-            "higher_is_better", "n-samples", "config", "git_hash", "date", "total_evaluation_time_seconds")
+            "higher_is_better", "n-samples", "config", "git_hash", "date", "total_evaluation_time_seconds",
+            "mlproject_code")
     import json
 
     return json.loads(json.dumps({k: results[k] for k in keep if k in results}, default=str))

@@ -32,6 +32,11 @@ def evaluate_loaded(loaded: loading.LoadedModel, plan: EvalPlan, run: tracking.R
         import json
 
         run.set_tags({f"{tracking.TAG_PREFIX}{prefix.replace('/', '.')}avg_acc_metrics": json.dumps(out.harness.avg_metrics)})
+        if out.harness.code is not None:  # per-problem results: compare reads them back
+            for task, res in out.harness.code.results.items():
+                run.log_dict(res.artifact(plan.code), f"code/{prefix}{task}.json")
+            run.set_tags({f"{tracking.TAG_PREFIX}unsafe_code": "lm-eval gates opened on purpose ("
+                          + "; ".join(f"{k}={v}" for k, v in out.harness.code.gates.items()) + ")"})
     return out
 
 
@@ -43,6 +48,11 @@ def report(title: str, run: tracking.Run, step: str, params: dict, plan: EvalPla
 
     # The snapshot step_run logged as env.json: report and artifact agree, collected once.
     env = run.env or envinfo.collect()
+    if out.harness is not None and out.harness.code is not None:
+        from mlproject.evaluation.code.lmeval import report_section
+
+        extra_sections = {"Code execution": report_section(out.harness.code, plan.code),
+                          **(extra_sections or {})}
     return render(
         title=title,
         run_info={"run id": run.run_id, "step": step, "started": env["time"],
