@@ -281,7 +281,8 @@ def test_shipped_pipeline_loads_and_dry_runs_offline(path, mlflow_uri, tiny_dirs
     assert header.startswith(f"# {path.stem} — ") and "mlproject run" in path.read_text()
     # offline: the tiny model, the bundled tasks, the bundled training data
     overrides = [f"model={tiny_dirs['llama']}", "tasks=mlp_nonce", f"ppl_dataset={ppl_text_file}", "seqlen=32"]
-    overrides += [f"{n}.dataset=offline:sft_mlp_nonce" for n, s in pipe.steps.items() if s.step == "finetune"]
+    overrides += [f"{n}.dataset=offline:{s.values.get('method', 'sft')}_mlp_nonce"
+                  for n, s in pipe.steps.items() if s.step == "finetune"]
     overrides += [f"{n}.group_size=32" for n, s in pipe.steps.items()
                   if s.step == "quantize" and s.values.get("method", "rtn") == "rtn"]
     overrides += [f"{n}.calibration=offline" for n, s in pipe.steps.items() if s.step == "prune"]
