@@ -80,11 +80,22 @@ def _summary(result: Any) -> str:
     return "\n".join(lines)
 
 
+def _rank_prefix() -> str:
+    from mlproject import distributed
+
+    return f"[rank{distributed.rank()}] " if distributed.active() else ""
+
+
 def main(argv: list[str] | None = None) -> int:
+    from mlproject import distributed
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    # Under torchrun / accelerate launch every rank runs this; the others log warnings only.
+    quiet = distributed.active() and not distributed.is_main()
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+        level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
+        format=_rank_prefix() + "%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
     )
     for noisy in ("urllib3", "filelock", "httpx", "datasets", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -96,15 +107,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         info = entry(args.step)
         cfg = info.config_class()(**config_values(args))
+        nproc = getattr(cfg, "nproc", 1)
+        if nproc > 1 and not distributed.active():
+            info.load().check(cfg)  # bad input fails here, in one process, before any is started
+            return distributed.relaunch(argv, nproc)
+        if nproc > 1 and nproc != distributed.world_size():
+            logging.getLogger("mlproject").warning("nproc=%d ignored: this launch already has %d processes",
+                                                   nproc, distributed.world_size())
         result = info.run(cfg)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{_rank_prefix()}error: {exc}", file=sys.stderr)
         return exc.exit_code
     except StepFailed as exc:
         logging.getLogger("mlproject").debug("step failed", exc_info=True)
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{_rank_prefix()}error: {exc}", file=sys.stderr)
         return exc.exit_code
-    print(_summary(result))
+    if distributed.is_main():
+        print(_summary(result))
+    distributed.shutdown()
     return 0
 
 
