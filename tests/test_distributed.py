@@ -150,20 +150,49 @@ def test_nproc_in_process_needs_a_launcher(mlflow_uri, tiny_dirs):
         evaluate.run(EvaluateConfig(model=str(tiny_dirs["llama"]), nproc=2, tracking_uri=mlflow_uri))
 
 
-def test_launch_files_load_as_accelerate_configs():
-    from accelerate.commands.config.config_args import ClusterConfig
+def accelerate_env(config_file: str) -> dict[str, str]:
+    """What `accelerate launch --config_file <file> -m mlproject finetune` puts in the workers'
+    environment (accelerate's own launch code, stopped before it starts anything)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 
-    fsdp = ClusterConfig.from_yaml_file(str(ROOT / "launch" / "fsdp.yaml"))
-    assert fsdp.distributed_type == "FSDP" and fsdp.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
-    zero3 = ClusterConfig.from_yaml_file(str(ROOT / "launch" / "zero3.yaml"))
-    assert zero3.distributed_type == "DEEPSPEED"
-    ds_file = ROOT / "launch" / zero3.deepspeed_config["deepspeed_config_file"]
-    ds = json.loads(ds_file.read_text())
-    assert ds["zero_optimization"]["stage"] == 3
-    # a logged model must be whole weights, not the ZeRO-3 shards
-    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
-    # the training batch comes from --train-batch-size / --grad-accum, not the file
-    assert ds["train_micro_batch_size_per_gpu"] == "auto" and ds["gradient_accumulation_steps"] == "auto"
+    args = launch_command_parser().parse_args(["--config_file", config_file, "-m", "mlproject", "finetune"])
+    args, defaults, _ = _validate_launch_command(args)
+    if args.use_deepspeed:
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+        env = prepare_deepspeed_cmd_env(args)[1]
+    else:
+        env = prepare_multi_gpu_env(args)
+    return {k: v for k, v in env.items() if k.startswith(("ACCELERATE_", "FSDP_"))}
+
+
+def test_launch_files_are_what_accelerate_reads(monkeypatch):
+    """launch/fsdp.yaml and launch/zero3.yaml (+ ds_zero3.json), read by accelerate as `accelerate
+    launch` would, turn into the plugins the trainer builds (no GPU here: nothing is launched)."""
+    from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin
+
+    monkeypatch.chdir(ROOT)  # the files name each other relative to the repository root
+    env = accelerate_env("launch/fsdp.yaml")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    fsdp = FullyShardedDataParallelPlugin()
+    assert fsdp.fsdp_version == 2 and fsdp.reshard_after_forward is True
+    assert "FULL_STATE_DICT" in str(fsdp.state_dict_type)  # a saved model is whole weights
+    assert fsdp.cpu_ram_efficient_loading is False  # mlproject loads one copy per rank itself
+    for k in env:
+        monkeypatch.delenv(k)
+
+    env = accelerate_env("launch/zero3.yaml")
+    assert env["ACCELERATE_USE_DEEPSPEED"] == "true"
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    ds = DeepSpeedPlugin()
+    assert ds.zero_stage == 3 and ds.zero3_init_flag is False
+    config = ds.hf_ds_config.config
+    assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    # the batch comes from --train-batch-size / --grad-accum (transformers fills the "auto"s)
+    assert config["train_micro_batch_size_per_gpu"] == "auto" and config["gradient_accumulation_steps"] == "auto"
 
 
 # --------------------------------------------------------------------------- real launches

@@ -117,8 +117,8 @@ class LaunchOptions:
     """How many processes run the step (data-parallel on one machine, through torchrun)."""
 
     nproc: int = param(1, "processes on this machine: > 1 re-launches the step under torchrun "
-                       "(one per GPU; data-parallel training / evaluation, one MLflow run); ignored "
-                       "when already started by torchrun or accelerate launch")
+                       "(one per GPU; data-parallel training / evaluation, one MLflow run); leave it out "
+                       "when starting the command with torchrun or accelerate launch yourself")
 
     def __post_init__(self):
         if isinstance(self.nproc, bool) or not isinstance(self.nproc, int) or self.nproc < 1:

@@ -42,6 +42,7 @@ from mlproject.errors import StepFailed, UserError
 
 log = logging.getLogger(__name__)
 
+
 # --------------------------------------------------------------------------- who am I
 
 def world_size() -> int:
@@ -66,11 +67,6 @@ def active() -> bool:
 def is_main() -> bool:
     """The process that talks to the tracking server: global rank 0 (or the only process)."""
     return rank() == 0
-
-
-def sharded() -> bool:
-    """accelerate launched FSDP or DeepSpeed: the weights are sharded across the ranks."""
-    return kind() in ("fsdp", "deepspeed")
 
 
 def kind() -> str:

@@ -302,8 +302,11 @@ def _main_of_launch(gang: "distributed.StepGang", step: str, kwargs: dict) -> It
                 try:
                     yield run
                 except BaseException as exc:
-                    gang.fail(exc)
-                    first = gang.first_failure()
+                    def report():
+                        gang.fail(exc)
+                        return gang.first_failure()
+
+                    first = _quietly(report)
                     if first is not None and first[0] != gang.rank:
                         # Our error is a consequence (a collective whose peer died, the
                         # launcher's SIGTERM): the run records the cause.
@@ -315,7 +318,7 @@ def _main_of_launch(gang: "distributed.StepGang", step: str, kwargs: dict) -> It
                     raise distributed.RankFailed(*first)
         status = "FINISHED"
     except BaseException as exc:
-        gang.publish_run_error(exc)  # the run never opened: the waiting ranks raise this too
+        _quietly(lambda: gang.publish_run_error(exc))  # the run never opened: the waiting ranks raise this too
         status = "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
         if isinstance(exc, distributed.RankFailed):
             failed_rank, error = exc.rank, exc.error
@@ -323,7 +326,7 @@ def _main_of_launch(gang: "distributed.StepGang", step: str, kwargs: dict) -> It
             error = distributed.describe(exc)["text"]
         raise
     finally:
-        gang.publish_final(status, failed_rank, error)
+        _quietly(lambda: gang.publish_final(status, failed_rank, error))
 
 
 @contextlib.contextmanager
@@ -333,12 +336,22 @@ def _rank_of_launch(gang: "distributed.StepGang") -> Iterator[Run]:
     try:
         yield NullRun(run_id, experiment_id)
     except BaseException as exc:
-        gang.fail(exc)  # first, so rank 0 records this error as the cause
+        _quietly(lambda: gang.fail(exc))  # first, so rank 0 records this error as the cause
         raise
     gang.done()
     status, failed_rank, error = gang.wait_final()
     if status != "FINISHED":
         raise distributed.RankFailed(failed_rank, error or status)
+
+
+def _quietly(fn):
+    """Coordination on a failure path: if the launcher's store is gone too, the error being
+    handled is what matters, not the store's."""
+    try:
+        return fn()
+    except Exception:  # noqa: BLE001
+        log.warning("rank coordination failed while handling an error", exc_info=log.isEnabledFor(logging.DEBUG))
+        return None
 
 
 def _mark_failed(run: Run, exc: BaseException) -> None:

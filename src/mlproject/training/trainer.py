@@ -232,6 +232,10 @@ def train(
     if guard.diverged is not None:
         raise guard.diverged
     if save_dir is not None:
+        import shutil
+
+        # A folder left by an earlier run (full weights, say) must not mix with this one's files.
+        distributed.on_main(shutil.rmtree, save_dir, ignore_errors=True)
         trainer.save_model(str(save_dir))
         distributed.barrier()  # rank 0 writes; the others read the files next
 
