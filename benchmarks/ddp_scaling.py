@@ -13,13 +13,15 @@ samples/s per (variant, N), the scaling N vs 1 of each, step/bare throughput at 
 much rank 0's logging slows the loop every rank waits on at the next all-reduce) and each
 launch's wall time (start-up, loading, saving and logging included).
 
-Threads: every configuration uses the whole machine (``--cores``, default all): one process
-gets all cores, N processes get cores / N threads each. On a 2-core machine N = 2 is one
-thread per process: the figure says what data parallelism costs or saves *on the same
-cores*, not what N GPUs give (those each bring their own compute).
+Threads: ``--configs`` lists ``<processes>x<threads per process>``; the default splits the
+machine's cores (2 cores: ``1x2,2x1``). On a 2-core machine two processes get one thread each:
+the figure says what data parallelism costs or saves *on the same cores*, not what N GPUs
+give (those each bring their own compute). Add ``1x1`` to see one process on one core: on a
+busy machine an OpenMP team of 2 threads can be far slower than 1 (its threads wait on each
+other while the cores are taken), which is not a data-parallel effect.
 
-    python benchmarks/ddp_scaling.py                               # SmolLM2-135M, 20 LoRA steps, N = 1, 2
-    python benchmarks/ddp_scaling.py --nprocs 1,2 --steps 30 --repeats 2
+    python benchmarks/ddp_scaling.py                              # SmolLM2-135M, 20 LoRA steps, 1x2 and 2x1
+    python benchmarks/ddp_scaling.py --configs 1x1,1x2,2x1 --steps 30 --repeats 2
 """
 
 from __future__ import annotations
@@ -115,8 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--dataset", default="offline:sft_mlp_nonce")
-    ap.add_argument("--nprocs", default="1,2", help="process counts to compare, e.g. 1,2")
-    ap.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="threads shared by the processes")
+    cores = os.cpu_count() or 1
+    ap.add_argument("--configs", default=f"1x{cores},{cores}x1" if cores > 1 else "1x1",
+                    help="<processes>x<threads each>, comma-separated; the first is the scaling baseline")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--global-batch", type=int, default=8, help="examples per optimizer step, all processes")
     ap.add_argument("--lora-r", type=int, default=16)
@@ -137,9 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     from mlproject.models.reference import resolve
     from mlproject.training.datasets import resolve_spec
 
-    nprocs = [int(n) for n in args.nprocs.split(",")]
-    if any(args.global_batch % n for n in nprocs):
-        raise SystemExit(f"--global-batch {args.global_batch} must divide by every process count {nprocs}")
+    configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",")]
+    if any(args.global_batch % n for n, _ in configs):
+        raise SystemExit(f"--global-batch {args.global_batch} must divide by every process count in {args.configs}")
     ref = resolve(args.model)
     model_dir = str(loading.local_source(ref, None) or ref.target)  # converts a GGUF alias once
     data_file = Path(resolve_spec(args.dataset)[1]["data_files"])
@@ -148,30 +151,30 @@ def main(argv: list[str] | None = None) -> int:
 
     MlflowClient(f"sqlite:///{root}/mlflow.db").create_experiment("bench-ddp", artifact_location=str(root / "art"))
     print(f"machine: {os.cpu_count()} cores, load average before {os.getloadavg()[0]:.1f}", flush=True)
-    results: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    results: dict[tuple[str, tuple[int, int]], list[tuple[float, float]]] = {}
     for rep in range(args.repeats):
-        for n in nprocs:  # alternate bare and step to spread machine noise over both
-            threads = max(1, args.cores // n)
-            print(f"repeat {rep + 1}: N={n} ({threads} thread(s) each)", flush=True)
+        for n, threads in configs:  # alternate bare and step to spread machine noise over both
+            print(f"repeat {rep + 1}: {n} process(es) x {threads} thread(s)", flush=True)
             for name, fn in (("bare", lambda: run_bare(n, args, model_dir, data_file, root, threads)),
                              ("step", lambda: run_step(n, args, data_file, root, threads))):
                 sps, wall = fn()
-                results.setdefault((name, n), []).append((sps, wall))
+                results.setdefault((name, (n, threads)), []).append((sps, wall))
                 print(f"  {name}: {sps:.2f} samples/s, launch wall {wall:.1f}s", flush=True)
 
-    def med(name: str, n: int, i: int) -> float:
-        return statistics.median(r[i] for r in results[(name, n)])
+    def med(name: str, c: tuple[int, int], i: int) -> float:
+        return statistics.median(r[i] for r in results[(name, c)])
 
     print(f"\nmodel={args.model} steps={args.steps} global batch={args.global_batch} lora_r={args.lora_r} "
-          f"cores={args.cores} load average after {os.getloadavg()[0]:.1f}")
-    print(f"{'N':>3} {'bare samples/s':>15} {'step samples/s':>15} {'step/bare':>10} {'bare wall s':>12} {'step wall s':>12}")
-    for n in nprocs:
-        print(f"{n:>3} {med('bare', n, 0):>15.2f} {med('step', n, 0):>15.2f} "
-              f"{med('step', n, 0) / med('bare', n, 0):>10.3f} {med('bare', n, 1):>12.1f} {med('step', n, 1):>12.1f}")
-    base = nprocs[0]
-    for n in nprocs[1:]:
-        print(f"scaling N={n} vs N={base}: bare {med('bare', n, 0) / med('bare', base, 0):.2f}x, "
-              f"step {med('step', n, 0) / med('step', base, 0):.2f}x (same {args.cores} cores)")
+          f"repeats={args.repeats} load average after {os.getloadavg()[0]:.1f} ({os.cpu_count()} cores)")
+    print(f"{'NxT':>5} {'bare samples/s':>15} {'step samples/s':>15} {'step/bare':>10} {'bare wall s':>12} "
+          f"{'step wall s':>12}")
+    for c in configs:
+        print(f"{c[0]}x{c[1]:<3} {med('bare', c, 0):>15.2f} {med('step', c, 0):>15.2f} "
+              f"{med('step', c, 0) / med('bare', c, 0):>10.3f} {med('bare', c, 1):>12.1f} {med('step', c, 1):>12.1f}")
+    base = configs[0]
+    for c in configs[1:]:
+        print(f"{c[0]}x{c[1]} vs {base[0]}x{base[1]}: bare {med('bare', c, 0) / med('bare', base, 0):.2f}x, "
+              f"step {med('step', c, 0) / med('step', base, 0):.2f}x samples/s")
     return 0
 
 

@@ -5,6 +5,11 @@ MLflow created (``MLFLOW_RUN_ID``); otherwise it creates one. Whatever goes wron
 the block ends the run FAILED with the error as the ``mlproject.error`` tag (Ctrl-C and
 SIGTERM end it KILLED), so no run is left RUNNING and no crash is recorded as FINISHED.
 Everything logged passes through :func:`redact`, so no credential reaches the server.
+
+Under torchrun / accelerate launch (``WORLD_SIZE`` > 1) only the main process talks to MLflow:
+:func:`step_run` gives the other ranks a :class:`NullRun` on the same run, and every function
+here that reads the server runs on the main process with its result (or error) shared with the
+other ranks (``mlproject.distributed``), so steps never test their rank.
 """
 
 from __future__ import annotations
