@@ -88,11 +88,22 @@ def _summary(result: Any) -> str:
     return "\n".join(lines)
 
 
+def _rank_prefix() -> str:
+    from mlproject import distributed
+
+    return f"[rank{distributed.rank()}] " if distributed.active() else ""
+
+
 def main(argv: list[str] | None = None) -> int:
+    from mlproject import distributed
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    # Under torchrun / accelerate launch every rank runs this; the others log warnings only.
+    quiet = distributed.active() and not distributed.is_main()
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
+        level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
+        format=_rank_prefix() + "%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
     )
     for noisy in ("urllib3", "filelock", "httpx", "datasets", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -110,18 +121,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         info = entry(args.step)
         cfg = info.config_class()(**config_values(args))
+        nproc = getattr(cfg, "nproc", 1)
+        if nproc > 1 and not distributed.active():
+            info.load().check(cfg)  # bad input fails here, in one process, before any is started
+            return distributed.relaunch(argv, nproc)
+        if nproc > 1 and nproc != distributed.world_size():
+            logging.getLogger("mlproject").warning("nproc=%d ignored: this launch already has %d processes",
+                                                   nproc, distributed.world_size())
         result = info.run(cfg)
     except UserError as exc:
-        print(f"error: {tracking.redact(exc)}", file=sys.stderr)
-        # Under `mlflow run` the run exists already: it records the refusal.
-        tracking.record_refusal(args.step, str(exc))
+        print(f"{_rank_prefix()}error: {tracking.redact(exc)}", file=sys.stderr)
+        if distributed.is_main():
+            # Under `mlflow run` the run exists already: it records the refusal.
+            tracking.record_refusal(args.step, str(exc))
         return exc.exit_code
     except StepFailed as exc:
         logging.getLogger("mlproject").debug("step failed", exc_info=True)
-        print(f"error: {tracking.redact(exc)}", file=sys.stderr)
+        print(f"{_rank_prefix()}error: {tracking.redact(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("error: interrupted (Ctrl-C); a run in progress was marked KILLED", file=sys.stderr)
+        print(f"{_rank_prefix()}error: interrupted (Ctrl-C); a run in progress was marked KILLED", file=sys.stderr)
         return 130
     except Exception as exc:
         if not tracking.is_transient(exc):
@@ -130,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: tracking server {tracking.redact(tracking.tracking_uri())} stopped answering: "
               f"{tracking.redact(str(exc).splitlines()[0])}", file=sys.stderr)
         return EX_TEMPFAIL
-    print(tracking.redact(_summary(result)))
+    if distributed.is_main():
+        print(tracking.redact(_summary(result)))
+    distributed.shutdown()
     unsent = tracking.unsent_spools()[unsent_before:]
     if unsent:
         print(f"error: results not delivered to tracking server {tracking.redact(tracking.tracking_uri())}; they are "

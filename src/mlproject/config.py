@@ -143,7 +143,20 @@ class ModelOptions:
 
 
 @dataclass
-class EvaluateConfig(CodeEvalOptions, EvalOptions, ModelOptions, RunOptions):
+class LaunchOptions:
+    """How many processes run the step (data-parallel on one machine, through torchrun)."""
+
+    nproc: int = param(1, "processes on this machine: > 1 re-launches the step under torchrun "
+                       "(one per GPU; data-parallel training / evaluation, one MLflow run); leave it out "
+                       "when starting the command with torchrun or accelerate launch yourself")
+
+    def __post_init__(self):
+        if isinstance(self.nproc, bool) or not isinstance(self.nproc, int) or self.nproc < 1:
+            raise UserError(f"nproc {self.nproc!r} must be a positive integer")
+
+
+@dataclass
+class EvaluateConfig(LaunchOptions, CodeEvalOptions, EvalOptions, ModelOptions, RunOptions):
     """`evaluate`: perplexity + lm-eval tasks of one model, recorded as one MLflow run."""
 
     role: str = param("", "role tag for compare (default: 'base' for a model not produced by a run, else 'eval')")
@@ -151,6 +164,7 @@ class EvaluateConfig(CodeEvalOptions, EvalOptions, ModelOptions, RunOptions):
     def __post_init__(self):
         EvalOptions.__post_init__(self)
         CodeEvalOptions.__post_init__(self)
+        LaunchOptions.__post_init__(self)
 
 
 EVALUATE_RESULT_HELP = "evaluate the step's output model (PPL + tasks) in the same run"
@@ -250,7 +264,7 @@ def _choices(name: str) -> tuple:
 
 
 @dataclass
-class FinetuneStepConfig(EvalOptions, ModelOptions, RunOptions):
+class FinetuneStepConfig(LaunchOptions, EvalOptions, ModelOptions, RunOptions):
     """`finetune`: SFT or DPO (trl) with LoRA, QLoRA or full fine-tuning, optionally evaluated
     before and after in the same run; the result is logged as the run's `model` artifact."""
 
@@ -292,6 +306,7 @@ class FinetuneStepConfig(EvalOptions, ModelOptions, RunOptions):
 
     def __post_init__(self):
         coerce_fields(self)
+        LaunchOptions.__post_init__(self)
         self.eval_options()  # EvalOptions' own validation (tasks are checked by the step)
         self.finetune_config(self.output_dir or "outputs/finetune")  # the training library's validation
 

@@ -15,6 +15,11 @@ tried once (``MLFLOW_HTTP_REQUEST_MAX_RETRIES=0``, ``MLFLOW_HTTP_REQUEST_TIMEOUT
 you set them): the retrying is ours, bounded, and a signal ends it at once. A running step
 refreshes the tag ``mlproject.heartbeat`` (with ``mlproject.host`` / ``mlproject.pid``) so
 :func:`reap_runs` can tell a live run from one whose process is gone.
+
+Under torchrun / accelerate launch (``WORLD_SIZE`` > 1) only the main process talks to MLflow:
+:func:`step_run` gives the other ranks a :class:`NullRun` on the same run, and every function
+here that reads the server runs on the main process with its result (or error) shared with the
+other ranks (``mlproject.distributed``), so steps never test their rank.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from mlproject import envinfo
+from mlproject import distributed, envinfo
 from mlproject.errors import UserError
 from mlproject.redaction import clean_mapping, redact  # noqa: F401 - re-exported: tracking.redact
 from mlproject.spool import Spool
@@ -217,6 +222,16 @@ def check_server(uri: str | None = None, timeout: float = 10.0) -> str:
     if given:
         _check_uri_shape(given)
     uri = given or mlflow.get_tracking_uri()
+    _check_store(uri, timeout)
+    if given:  # only a URI that works becomes the process's tracking URI
+        mlflow.set_tracking_uri(given)
+    _LINK.reset()
+    return uri
+
+
+@distributed.main_only
+def _check_store(uri: str, timeout: float) -> None:
+    """Only the main process of a launch asks the server (or creates a SQLite store)."""
     scheme = uri.split(":", 1)[0].lower() if "://" in uri else ""
     if scheme in ("http", "https"):
         _check_http(uri, timeout)
@@ -224,10 +239,6 @@ def check_server(uri: str | None = None, timeout: float = 10.0) -> str:
         _init_sqlite(uri)
     else:
         _call_store(uri, redact(uri))
-    if given:  # only a URI that works becomes the process's tracking URI
-        mlflow.set_tracking_uri(given)
-    _LINK.reset()
-    return uri
 
 
 def _check_uri_shape(uri: str) -> None:
@@ -336,6 +347,9 @@ class Run:
     the spool for ``mlproject runs sync``. Without one (a ``Run`` made for a parent run or a
     lookup) calls go straight to the server, still within the budget.
     """
+
+    records = True
+    """False on a :class:`NullRun`: what would only be written to be logged can be skipped."""
 
     def __init__(self, run_id: str, experiment_id: str):
         from mlflow.tracking import MlflowClient
@@ -505,6 +519,57 @@ class Run:
             self._heartbeat = None
 
 
+class NullRun(Run):
+    """The run as the other ranks of a distributed launch see it: the same ``run_id``, and every
+    logging call a no-op (only the main process talks to MLflow). Steps log through it exactly
+    as through a :class:`Run`, so no step tests its rank."""
+
+    records = False
+
+    def __init__(self, run_id: str, experiment_id: str):  # noqa: D107 - no client: never talks to MLflow
+        self.run_id, self.experiment_id, self.env = run_id, experiment_id, None
+
+    def log_params(self, params):
+        pass
+
+    def set_tags(self, tags):
+        pass
+
+    def log_metric_steps(self, rows):
+        pass
+
+    def delete_tag(self, key):
+        pass
+
+    def log_text(self, text, artifact_file):
+        pass
+
+    def log_artifact(self, local_path, artifact_path=None):
+        pass
+
+    def log_artifacts(self, local_dir, artifact_path=None):
+        pass
+
+    def log_figure(self, figure, artifact_file):
+        pass
+
+    def _log_bytes(self, data, artifact_file):
+        pass
+
+    def open_spool(self, step):
+        return None
+
+    def start_heartbeat(self, tag=True):
+        pass
+
+    def stop_heartbeat(self):
+        pass
+
+    @property
+    def artifact_uri(self) -> str:
+        return ""
+
+
 def liveness_tags() -> dict[str, Any]:
     """Who runs this run: host, pid and the first heartbeat (unix seconds)."""
     return {HOST_TAG: socket.gethostname(), PID_TAG: os.getpid(), HEARTBEAT_TAG: int(time.time())}
@@ -593,6 +658,13 @@ def step_run(
 ) -> Iterator[Run]:
     """Open (or attach to) the run for one step invocation and guarantee its final status.
 
+    Under a distributed launch (``torchrun``, ``accelerate launch``: ``WORLD_SIZE`` > 1) there is
+    one run per launch: the main process opens it as described below and the other ranks get a
+    :class:`NullRun` with the same ``run_id``. A failure on any rank ends the run FAILED with
+    that rank's error (``rank <r>: <error>``), raises on every rank (so the launcher exits
+    non-zero), and the other ranks only return once the run is closed (see
+    ``mlproject.distributed``).
+
     Where the run goes, first match wins:
 
     * ``parent`` given, or a run already active in this process (a pipeline, a search
@@ -605,6 +677,101 @@ def step_run(
     * under ``mlflow run`` (``MLFLOW_RUN_ID``): the run MLflow created.
     * else a new run in ``experiment`` (default ``$MLFLOW_EXPERIMENT_NAME`` or ``mlproject``).
     """
+    kwargs = dict(experiment=experiment, run_name=run_name, tags=tags, log_env=log_env, run_id=run_id,
+                  parent=parent)
+    if not distributed.active():
+        with _open_run(step, **kwargs) as run:
+            yield run
+        return
+    gang = distributed.StepGang()
+    inner = _main_of_launch(gang, step, kwargs) if gang.is_main else _rank_of_launch(gang)
+    with inner as run:
+        yield run
+
+
+@contextlib.contextmanager
+def _main_of_launch(gang: "distributed.StepGang", step: str, kwargs: dict) -> Iterator[Run]:
+    """Rank 0 of a launch: the real run; the other ranks' outcomes decide its status."""
+    status, failed_rank, error = "FAILED", 0, ""
+    try:
+        with _open_run(step, **kwargs) as run:
+            gang.publish_run((run.run_id, run.experiment_id))
+            with gang.watch(lambda r, err: _mark_failed(run, distributed.RankFailed(r, err))):
+                try:
+                    yield run
+                except BaseException as exc:
+                    def report():
+                        gang.fail(exc)
+                        return gang.first_failure()
+
+                    first = _quietly(report)
+                    if first is not None and first[0] != gang.rank:
+                        # Our error is a consequence (a collective whose peer died, the
+                        # launcher's SIGTERM): the run records the cause.
+                        raise distributed.RankFailed(*first) from exc
+                    raise
+                gang.done()
+                first = gang.wait_all()
+                if first is not None:
+                    raise distributed.RankFailed(*first)
+        status = "FINISHED"
+    except BaseException as exc:
+        _quietly(lambda: gang.publish_run_error(exc))  # the run never opened: the waiting ranks raise this too
+        status = "KILLED" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "FAILED"
+        if isinstance(exc, distributed.RankFailed):
+            failed_rank, error = exc.rank, exc.error
+        else:
+            error = distributed.describe(exc)["text"]
+        raise
+    finally:
+        _quietly(lambda: gang.publish_final(status, failed_rank, error))
+
+
+@contextlib.contextmanager
+def _rank_of_launch(gang: "distributed.StepGang") -> Iterator[Run]:
+    """Any other rank: a NullRun on the main process's run; returns only once that is closed."""
+    run_id, experiment_id = gang.wait_run()
+    try:
+        yield NullRun(run_id, experiment_id)
+    except BaseException as exc:
+        _quietly(lambda: gang.fail(exc))  # first, so rank 0 records this error as the cause
+        raise
+    gang.done()
+    status, failed_rank, error = gang.wait_final()
+    if status != "FINISHED":
+        raise distributed.RankFailed(failed_rank, error or status)
+
+
+def _quietly(fn):
+    """Coordination on a failure path: if the launcher's store is gone too, the error being
+    handled is what matters, not the store's."""
+    try:
+        return fn()
+    except Exception:  # noqa: BLE001
+        log.warning("rank coordination failed while handling an error", exc_info=log.isEnabledFor(logging.DEBUG))
+        return None
+
+
+def _mark_failed(run: Run, exc: BaseException) -> None:
+    """End ``run`` FAILED now (from rank 0's watcher thread: another rank failed)."""
+    from mlflow.tracking import MlflowClient
+
+    _record_error(run, exc)
+    MlflowClient().set_terminated(run.run_id, status="FAILED")
+
+
+@contextlib.contextmanager
+def _open_run(
+    step: str,
+    *,
+    experiment: str | None = None,
+    run_name: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    log_env: bool = True,
+    run_id: str | None = None,
+    parent: "Run | None" = None,
+) -> Iterator[Run]:
+    """step_run in one process (see there)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -671,6 +838,8 @@ def step_run(
 
 
 def _record_error(run: Run, exc: BaseException | str) -> None:
+    if isinstance(exc, distributed.RankFailed):
+        exc = str(exc)  # already "rank <r>: <type>: <message>"
     msg = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
     try:
         run.set_tags({ERROR_TAG: msg.strip().splitlines()[0] if msg.strip() else msg})
@@ -718,6 +887,15 @@ _DOWNLOAD_META = ".mlproject-download.json"
 
 
 def download(uri: str) -> Path:
+    """Materialize ``runs:/…`` or ``models:/name@alias`` artifacts locally (see :func:`_download`).
+
+    Under a distributed launch the main process downloads once and the other ranks use its
+    copy; a rank on another node (where that path does not exist) fetches its own."""
+    path = distributed.on_main(_download, uri)
+    return path if path.exists() else _download(uri)
+
+
+def _download(uri: str) -> Path:
     """Materialize ``runs:/…`` or ``models:/name@alias`` artifacts locally, cached per URI.
 
     The cache (``$MLPROJECT_CACHE/artifacts/<hash>``) is keyed by the resolved ``runs:/`` URI
@@ -806,6 +984,7 @@ def _prune_artifact_cache(root: Path) -> None:
                 shutil.rmtree(old, ignore_errors=True)
 
 
+@distributed.main_only
 def run_data(run_id: str) -> dict:
     """Tags, params and latest metrics of a run (lineage lookups)."""
     from mlflow.exceptions import MlflowException
@@ -819,6 +998,7 @@ def run_data(run_id: str) -> dict:
             "metrics": dict(run.data.metrics), "status": run.info.status}
 
 
+@distributed.main_only
 def last_metric_step(run_id: str, key: str) -> int:
     """Highest step logged for metric ``key`` on the run (0 when none): where a resumed
     training's curve must continue so no step is recorded twice."""
@@ -828,6 +1008,7 @@ def last_metric_step(run_id: str, key: str) -> int:
     return max((int(m.step) for m in history), default=0)
 
 
+@distributed.main_only
 def find_experiment_id(name: str) -> str | None:
     """The id of an existing, active experiment (None: it does not exist; nothing is created)."""
     from mlflow.tracking import MlflowClient
@@ -836,18 +1017,21 @@ def find_experiment_id(name: str) -> str | None:
     return exp.experiment_id if exp is not None and exp.lifecycle_stage == "active" else None
 
 
+@distributed.main_only
 def run_experiment_id(run_id: str) -> str:
     from mlflow.tracking import MlflowClient
 
     return MlflowClient().get_run(run_id).info.experiment_id
 
 
+@distributed.main_only
 def experiment_name(experiment_id: str) -> str:
     from mlflow.tracking import MlflowClient
 
     return MlflowClient().get_experiment(experiment_id).name
 
 
+@distributed.main_only
 def check_model_uri(uri: str) -> None:
     """Cheap existence check of a runs:/ or models:/ reference, before any run starts."""
     from mlflow.exceptions import MlflowException
@@ -871,6 +1055,7 @@ def check_model_uri(uri: str) -> None:
         raise UserError(f"model {uri!r} not found on the tracking server: {str(exc).splitlines()[0]}") from None
 
 
+@distributed.main_only
 def upstream_key(ref: str) -> str | None:
     """The reuse key (tag ``mlproject.cache_key``) of the run behind ``runs:/<id>…`` or
     ``models:/<name>@<alias>`` / ``models:/<name>/<version>``; None when it has none (or
@@ -897,6 +1082,7 @@ def upstream_key(ref: str) -> str | None:
         return None
 
 
+@distributed.main_only
 def find_reusable(key: str, experiment_id: str) -> dict | None:
     """The newest FINISHED run of ``experiment_id`` whose ``mlproject.cache_key`` tag equals
     ``key`` exactly: ``{"run_id", "metrics", "tags"}``, or None."""
@@ -912,6 +1098,7 @@ def find_reusable(key: str, experiment_id: str) -> dict | None:
             "params": dict(run.data.params), "run_name": run.info.run_name}
 
 
+@distributed.main_only
 def record_reuse(parent: Run, step: str, original: Mapping[str, Any], run_name: str,
                  extra_tags: Mapping[str, Any] | None = None) -> str:
     """A FINISHED child run of ``parent`` standing for a reused step: the original's params,
@@ -941,6 +1128,7 @@ def record_reuse(parent: Run, step: str, original: Mapping[str, Any], run_name: 
     return run_id
 
 
+@distributed.main_only
 def register_model(run_id: str, name: str, alias: str | None = None, path: str = "model") -> str:
     """Register a run's model folder as a version of `name`, optionally under an alias."""
     from mlflow.tracking import MlflowClient

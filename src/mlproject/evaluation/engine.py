@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from mlproject import distributed
 from mlproject.config import EvalOptions
 from mlproject.evaluation import harness, perplexity
 from mlproject.progress import progress
@@ -125,10 +126,13 @@ def measure(loaded, plan: EvalPlan, on_metrics: Callable[[dict[str, float]], Non
         n_windows = max(1, ids.numel() // seqlen)
         if plan.opts.ppl_windows:
             n_windows = min(n_windows, plan.opts.ppl_windows)
-        with progress(f"perplexity ({plan.ppl_name})", n_windows) as advance:
+        # Under a distributed launch each rank scores its share of the windows; the sums meet.
+        shard = (distributed.rank(), distributed.world_size())
+        with progress(f"perplexity ({plan.ppl_name})", -(-n_windows // shard[1])) as advance:
             res = perplexity.perplexity(model, ids, seqlen, plan.opts.ppl_batch_size,
                                         dataset=plan.ppl_name, on_batch=advance,
-                                        max_windows=plan.opts.ppl_windows)
+                                        max_windows=plan.opts.ppl_windows, shard=shard,
+                                        reduce_sum=distributed.sum_over_ranks if distributed.active() else None)
         out.ppl.append(res)
         out.metrics[f"ppl/{res.dataset}"] = res.ppl
         out.metrics[f"nll/{res.dataset}"] = res.nll

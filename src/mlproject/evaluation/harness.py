@@ -142,13 +142,23 @@ def run_tasks(
 
     Code tasks (``evaluation.code.tasks``) go through ``evaluation.code.lmeval``: lm-eval
     generates, mlproject's sandbox runs the programs (``code``: a ``CodeSettings``).
+
+    Under a distributed launch this is lm-eval's data-parallel mode: every rank holds its own
+    copy of the model, scores every ``world_size``-th document of each task, and lm-eval gathers
+    the per-document results on rank 0 before aggregating; the aggregate is then sent to every
+    rank, so all ranks return the same numbers. (Code tasks run in one process only.)
     """
     from lm_eval.models.huggingface import HFLM
 
+    from mlproject import distributed
     from mlproject.evaluation.code.tasks import is_code_task
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     code_tasks = [t for t in tasks if is_code_task(t)]
+    if distributed.active():
+        if code_tasks:
+            raise UserError(f"code tasks ({', '.join(code_tasks)}) run in one process; evaluate them with nproc=1")
+        _data_parallel(lm)
     other = [t for t in tasks if t not in code_tasks]
     raw: dict = {}
     if other:
@@ -182,6 +192,8 @@ def _merge(a: dict, b: dict) -> dict:
 def _run_lm_eval(lm, tasks: list[str], *, limit, num_fewshot, seed, apply_chat_template) -> dict:
     import lm_eval
 
+    from mlproject import distributed
+
     results = lm_eval.simple_evaluate(
         model=lm,
         tasks=tasks,
@@ -198,7 +210,50 @@ def _run_lm_eval(lm, tasks: list[str], *, limit, num_fewshot, seed, apply_chat_t
         torch_random_seed=seed,
         fewshot_random_seed=seed,
     )
-    return serializable(dict(results))
+    # lm-eval returns the results on rank 0 only.
+    return distributed.broadcast_object(serializable(dict(results)) if results is not None else None)
+
+
+class _Collectives:
+    """The three things lm-eval's HFLM asks of ``self.accelerator`` in data-parallel mode, on the
+    launch's process group (any backend: gloo on CPU, NCCL on GPUs)."""
+
+    def gather(self, tensor):
+        """Every rank's ``tensor`` concatenated along dim 0 (a 0-d tensor counts as shape [1])."""
+        import torch
+        import torch.distributed as dist
+
+        t = tensor.reshape(1) if tensor.ndim == 0 else tensor.contiguous()
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t)
+        return torch.cat(parts)
+
+    def wait_for_everyone(self) -> None:
+        from mlproject import distributed
+
+        distributed.barrier()
+
+    def unwrap_model(self, model):
+        return model
+
+
+def _data_parallel(lm) -> None:
+    """Switch an HFLM built around a model object to lm-eval's data-parallel mode.
+
+    HFLM enables that mode only when it loads the model itself from a name on several GPUs
+    (``gpus > 1``; never on CPU), and for a model object it logs "assuming single-process call
+    to evaluate() or custom distributed integration" and sets rank 0 of 1: every rank would
+    then score every document. This is that custom integration: the rank and world size of the
+    launch (the *global* rank: HFLM's own uses accelerate's local process index, which repeats
+    on every node) and collectives on the launch's process group.
+    """
+    from mlproject import distributed
+
+    distributed.init()
+    lm._rank = distributed.rank()
+    lm._world_size = distributed.world_size()
+    lm.accelerator = _Collectives()
+    log.info("lm-eval data-parallel: rank %d of %d", lm._rank, lm._world_size)
 
 
 def serializable(results: dict) -> dict:

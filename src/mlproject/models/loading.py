@@ -50,10 +50,16 @@ class LoadedModel:
 
 
 def pick_device(device: str = "auto") -> str:
+    """``auto`` is CUDA when there is a GPU, else CPU. Under torchrun / accelerate launch, ``auto``
+    and ``cuda`` mean this process's GPU, ``cuda:<LOCAL_RANK>`` (one model copy per GPU)."""
     import torch
 
+    from mlproject import distributed
+
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and distributed.active() and torch.cuda.is_available():
+        return f"cuda:{distributed.local_rank()}"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device {device!r} requested but CUDA is not available on this machine")
     if not (device == "cpu" or device.startswith("cuda") or device == "mps"):

@@ -50,6 +50,18 @@ def check_model_args(model: str, adapter: str, device: str, dtype: str):
     return ref, device, loading.pick_dtype(dtype, device)
 
 
+def check_launch(cfg: Any) -> None:
+    """``nproc`` > 1 is honoured by ``mlproject <step>`` / ``mlflow run`` (they start torchrun);
+    a step called in-process (a pipeline) cannot grow more processes."""
+    from mlproject import distributed
+    from mlproject.errors import UserError
+
+    nproc = getattr(cfg, "nproc", 1)
+    if nproc > 1 and not distributed.active():
+        raise UserError(f"nproc={nproc} needs a launcher: use `mlproject <step> --nproc {nproc}` or "
+                        f"`mlflow run -P nproc={nproc}`, or start the whole command with torchrun")
+
+
 def check_tracking(tracking_uri: str, ref: ModelRef, adapter: str = "", parent: Any = None,
                    pending: frozenset[str] = frozenset()) -> None:
     """The tracking server answers and the runs:/ / models:/ references exist on it. Under a
@@ -76,19 +88,22 @@ def cache_key(**parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def step_key(step: str, cfg: Any, upstream_key: Any = None) -> str:
+def step_key(step: str, cfg: Any, upstream_key: Any = None, extra: dict[str, Any] | None = None) -> str:
     """The reuse key of running ``step`` with ``cfg`` (tag ``mlproject.cache_key``; see
     ``mlproject.reuse``). ``device``/``dtype`` count as what ``auto`` resolves to here; run
     and registry references count by the key of the run behind them (``upstream_key``,
-    default: the tag on the tracking server)."""
+    default: the tag on the tracking server). ``extra``: facts of this invocation that shape
+    the result beyond the config (finetune: the launch's world size)."""
     from mlproject import reuse
 
-    resolved: dict[str, Any] = {}
+    resolved: dict[str, Any] = dict(extra or {})
     if hasattr(cfg, "device") and hasattr(cfg, "dtype"):
         from mlproject.models import loading
 
         device = loading.pick_device(cfg.device)
-        resolved = {"device": device, "dtype": str(loading.pick_dtype(cfg.dtype, device)).removeprefix("torch.")}
+        # The device *kind*: under a launch, cuda:<local rank> differs per rank, the result does not.
+        resolved.update(device=device.split(":")[0],
+                        dtype=str(loading.pick_dtype(cfg.dtype, device)).removeprefix("torch."))
     return reuse.step_key(step, reuse.canonical_params(cfg, resolved, upstream_key or tracking.upstream_key))
 
 
@@ -133,8 +148,11 @@ class PeakMemory:
             self._thread.join(timeout=1.0)
 
     def peak(self) -> dict[str, float]:
-        """The peaks so far: ``peak_rss_mb`` always, ``peak_vram_mb`` on CUDA."""
+        """The peaks so far: ``peak_rss_mb`` always, ``peak_vram_mb`` on CUDA. Under a distributed
+        launch, the largest over the ranks (every rank calls this at the same point)."""
         import torch
+
+        from mlproject import distributed
 
         rss = max(self._max_rss, _rss())
         if self._hwm_reset:
@@ -142,7 +160,7 @@ class PeakMemory:
         out = {"peak_rss_mb": rss / 2**20}
         if torch.cuda.is_available():
             out["peak_vram_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        return out
+        return distributed.max_over_ranks(out)
 
     def __enter__(self) -> "PeakMemory":
         return self.start()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 
-from mlproject import tracking
+from mlproject import distributed, tracking
 from mlproject.config import EvaluateConfig
 from mlproject.evaluation.engine import EvalOutcome, EvalPlan, measure, model_metrics, plan_eval  # noqa: F401
 from mlproject.models import loading
@@ -80,10 +80,12 @@ def check(cfg: EvaluateConfig, parent: tracking.Run | None = None, pending: froz
 
 
 def run(cfg: EvaluateConfig, parent: tracking.Run | None = None) -> StepResult:
+    common.check_launch(cfg)
     ref, device, plan = check(cfg, parent)
     key = common.step_key("evaluate", cfg)
+    # world_size: processes sharing the requests and PPL windows (lm-eval's data-parallel mode).
     params = {"model": cfg.model, "adapter": cfg.adapter or "none", "dtype": cfg.dtype,
-              "device": device, **plan.params()}
+              "device": device, **plan.params(), "world_size": distributed.world_size()}
     with tracking.step_run(
         "evaluate", experiment=cfg.experiment or None, run_name=common.run_name("evaluate", cfg.run_name, ref),
         tags={f"{tracking.TAG_PREFIX}cache_key": key}, parent=parent,
