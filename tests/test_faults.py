@@ -224,7 +224,7 @@ def test_eval_seconds_leaves_out_tracking_stalls(tiny_dirs, ppl_text_file, monke
     from mlproject.config import EvalOptions
     from mlproject.models import loading
     from mlproject.models.reference import resolve
-    from mlproject.steps import evaluate
+    from mlproject.evaluation import engine as evaluate  # the evaluation engine measures; steps log
 
     loaded = loading.load_model(resolve(str(tiny_dirs["llama"])), device="cpu")
     plan = evaluate.plan_eval(EvalOptions(tasks="none", ppl_dataset=str(ppl_text_file), seqlen=32))
