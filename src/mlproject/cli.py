@@ -82,10 +82,11 @@ def _summary(result: Any) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
-    )
+    from mlproject import progress
+
+    level = logging.DEBUG if args.verbose else logging.INFO
+    # In a terminal, log lines go through rich so they print above the progress bars.
+    logging.basicConfig(level=level, handlers=[progress.log_handler(level)])
     for noisy in ("urllib3", "filelock", "httpx", "datasets", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, _terminate)

@@ -94,7 +94,7 @@ def measure(loaded, plan: EvalPlan, on_metrics: Callable[[dict[str, float]], Non
         n_windows = max(1, ids.numel() // seqlen)
         if plan.opts.ppl_windows:
             n_windows = min(n_windows, plan.opts.ppl_windows)
-        with progress(f"perplexity ({plan.ppl_name})", n_windows) as advance:
+        with progress(f"perplexity ({plan.ppl_name})", n_windows, unit="windows") as advance:
             res = perplexity.perplexity(model, ids, seqlen, plan.opts.ppl_batch_size,
                                         dataset=plan.ppl_name, on_batch=advance,
                                         max_windows=plan.opts.ppl_windows)

@@ -138,27 +138,38 @@ def run_tasks(
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
+    from mlproject.progress import route_tqdm
+
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    results = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=tasks,
-        num_fewshot=num_fewshot,
-        limit=limit,
-        task_manager=task_manager_for(tasks),
-        log_samples=False,
-        # Never share lm-eval's request cache: its key omits the model identity.
-        use_cache=None,
-        cache_requests=False,
-        apply_chat_template=apply_chat_template,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
+    # lm-eval draws its own tqdm bars (building contexts, tokenizing, the request loops: most of
+    # an evaluation's time); routed, they show as our bars in a terminal and as log lines with
+    # an ETA elsewhere.
+    with route_tqdm(*LM_EVAL_TQDM_MODULES, prefix="lm-eval: ", default="building requests"):
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            task_manager=task_manager_for(tasks),
+            log_samples=False,
+            # Never share lm-eval's request cache: its key omits the model identity.
+            use_cache=None,
+            cache_requests=False,
+            apply_chat_template=apply_chat_template,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+        )
     raw = serializable(dict(results))
     metrics = flatten_metrics(raw.get("results", {}))
     avg, chosen = mean_accuracy(raw.get("results", {}), tasks)
     return HarnessResult(raw=raw, metrics=metrics, avg_acc=avg, avg_metrics=chosen)
+
+
+#: Modules whose module-level ``tqdm`` lm-eval uses with HF models: api.task (building
+#: contexts), api.model (tokenizing), models.huggingface (loglikelihood / generate_until).
+LM_EVAL_TQDM_MODULES = ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface")
 
 
 def serializable(results: dict) -> dict:

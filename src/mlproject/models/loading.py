@@ -107,17 +107,25 @@ def converted_gguf_dir(ref: ModelRef) -> Path:
         log.info("converting %s to a Hugging Face checkpoint (once) in %s", src.name, out)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-        gguf_model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name)
-        config = gguf_model.config
-        # A GGUF-loaded model refuses save_pretrained; rebuild it as a plain model.
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        plain = AutoModelForCausalLM.from_config(config)
-        plain.load_state_dict(gguf_model.state_dict())
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp"))
-        plain.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        from mlproject.progress import phase, route_tqdm
+
+        # transformers dequantizes the GGUF tensors under its own tqdm bar: routed here.
+        with phase(f"converting {src.name} (once)") as step, \
+                route_tqdm("transformers.modeling_gguf_pytorch_utils", prefix="gguf: ", transformers=True):
+            step.update(postfix="tokenizer")
+            tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+            step.update(postfix="weights")
+            gguf_model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name)
+            config = gguf_model.config
+            # A GGUF-loaded model refuses save_pretrained; rebuild it as a plain model.
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            step.update(postfix="saving")
+            plain = AutoModelForCausalLM.from_config(config)
+            plain.load_state_dict(gguf_model.state_dict())
+            tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp"))
+            plain.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
         (tmp / META_FILE).write_text(json.dumps({
             "base_model": ref.alias, "family": ref.family, "instruct": ref.instruct,
             "source": f"{ref.gguf[0]}:{ref.gguf[1]}",
@@ -193,14 +201,19 @@ def load_model(
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": device}
     log.info("loading %s (%s, %s) from %s", ref.raw, device, torch_dtype, source)
-    try:
-        if local is not None and _is_nonuniform_pruned(local):
-            from mlproject.compression.prune import load_pruned_model
+    from mlproject.progress import phase, route_tqdm
 
-            model = load_pruned_model(local, dtype=torch_dtype)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    try:
+        # A 7B checkpoint takes minutes to read on CPU: a phase with heartbeat lines, and
+        # transformers' own "Loading weights" bar routed to ours.
+        with phase(f"loading {ref.label}"), route_tqdm(prefix=f"{ref.label}: ", transformers=True):
+            if local is not None and _is_nonuniform_pruned(local):
+                from mlproject.compression.prune import load_pruned_model
+
+                model = load_pruned_model(local, dtype=torch_dtype)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as exc:
         if ref.kind == "hub" or ref.kind == "alias":
             raise UserError(f"cannot load {ref.raw!r} from the Hugging Face hub: {exc}".splitlines()[0]) from exc

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlproject import tracking
+from mlproject import progress, tracking
 from mlproject.config import PipelineConfig
 from mlproject.errors import StepFailed, UserError
 from mlproject.pipeline import spec as pspec
@@ -187,19 +187,25 @@ def execute(the_plan: Plan, *, cfg: PipelineConfig | None = None, parent: tracki
                            tags={f"{T}pipeline": pipe.name, **(tags or {})}, parent=parent) as prun:
         prun.log_params(params)
         outputs: dict[str, dict[str, str]] = {}
-        for name in the_plan.order:
-            planned = the_plan.steps[name]
-            step_cfg = build_config(pipe, name, outputs)
-            try:
-                result = _run_one(prun, planned, step_cfg)
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                _log_report(prun, the_plan, results, failed=(name, first))
-                raise StepFailed(f"pipeline {pipe.name}: step {name!r} ({planned.step}) failed: {first}") from exc
-            results[name] = result
-            outputs[name] = {"run_id": result.run_id, "model_uri": result.model_uri or ""}
+        bar = progress.task(f"pipeline {pipe.name}", total=len(the_plan.order), unit="steps")
+        try:
+            for name in the_plan.order:
+                planned = the_plan.steps[name]
+                bar.update(postfix=f"{name} ({planned.step})")
+                step_cfg = build_config(pipe, name, outputs)
+                try:
+                    result = _run_one(prun, planned, step_cfg)
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except Exception as exc:
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    _log_report(prun, the_plan, results, failed=(name, first))
+                    raise StepFailed(f"pipeline {pipe.name}: step {name!r} ({planned.step}) failed: {first}") from exc
+                results[name] = result
+                outputs[name] = {"run_id": result.run_id, "model_uri": result.model_uri or ""}
+                bar.advance()
+        finally:
+            bar.close()
         seconds = time.perf_counter() - start
         ran = sum(1 for r in results.values() if not r.reused)
         prun.log_metrics({"pipeline/steps_run": ran, "pipeline/steps_reused": len(results) - ran,
