@@ -183,7 +183,12 @@ def _env_tags(info: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def command_line() -> str:
-    return redact(" ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]]))
+    """The command as a person would type it: ``mlproject evaluate --model …`` whether it ran as
+    the console script or as ``python -m mlproject`` (MLproject's commands), never ``__main__.py``."""
+    prog = Path(sys.argv[0]).name
+    if prog == "__main__.py":
+        prog = Path(sys.argv[0]).parent.name or "python -m"
+    return redact(" ".join([prog, *(shlex.quote(a) for a in sys.argv[1:])]))
 
 
 _EXTRA_TAGS: contextvars.ContextVar[dict] = contextvars.ContextVar("mlproject_extra_tags", default={})
@@ -472,6 +477,49 @@ def register_model(run_id: str, name: str, alias: str | None = None, path: str =
     if alias:
         client.set_registered_model_alias(name, alias, mv.version)
     return mv.version
+
+
+def where_to_look(run_id: str, experiment_id: str | None = None, report: str = "report.md") -> str:
+    """Two lines that end a command: where the run's report is and how to open the run in the UI."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if experiment_id is None:
+        experiment_id = run_experiment_id(run_id)
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if uri.startswith(("http://", "https://")):
+        base = redact(uri).rstrip("/")
+        return f"Report: {base}/{page}/artifacts/{report}\nUI: {base}/{page}"
+    try:
+        artifacts = mlflow.get_run(run_id).info.artifact_uri
+    except Exception:  # noqa: BLE001 - a hint, never an error
+        artifacts = ""
+    if artifacts.startswith("file://"):
+        artifacts = artifacts[len("file://"):]
+    if artifacts.startswith("/"):
+        with contextlib.suppress(ValueError):
+            artifacts = os.path.relpath(artifacts)
+    report_line = f"Report: {artifacts}/{report}\n" if artifacts else ""
+    return (report_line + f"UI: mlflow ui --backend-store-uri {redact(uri)} (or make ui), then open "
+            f"http://127.0.0.1:5000/{page}")
+
+
+def record_launch_error(message: str) -> None:
+    """Under ``mlflow run`` a bad input fails after MLflow created the run: give that run the error
+    (tag ``mlproject.error`` and its description) so the UI says why it FAILED. Best effort, and
+    quick: nothing is tried when the server does not answer."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    try:
+        check_server(timeout=2.0)
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+        client.set_tag(run_id, f"{TAG_PREFIX}error", redact(message)[:_MAX_TAG_LEN])
+        client.set_tag(run_id, "mlflow.note.content", redact(f"**Failed before it started:** {message}"))
+    except Exception:  # noqa: BLE001 - the user sees the error on stderr anyway
+        log.debug("could not record the error on run %s", run_id, exc_info=True)
 
 
 def finite(x: float) -> bool:

@@ -15,6 +15,7 @@ Metric names are the run conventions' (DESIGN.md): ``ppl/<dataset>``, ``nll/<dat
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -41,8 +42,30 @@ class EvalPlan:
             "num_fewshot": self.num_fewshot if self.num_fewshot is not None else "task default",
             "batch_size": self.batch_size, "ppl_dataset": self.opts.ppl_dataset,
             "seqlen": self.opts.seqlen, "ppl_batch_size": self.opts.ppl_batch_size,
-            "ppl_windows": self.opts.ppl_windows or "all", "seed": self.opts.seed,
+            "ppl_windows": self.ppl_windows_setting, "seed": self.opts.seed,
         }
+
+    @property
+    def ppl_windows_setting(self) -> str | int:
+        """``ppl_windows`` as logged: ``all``, ``N``, or ``auto (…)`` saying what auto follows."""
+        n = self.opts.ppl_windows
+        if n == 0:
+            return "all"
+        if n > 0:
+            return n
+        return "auto (all)" if self.limit is None else f"auto (limit {self.limit:g})"
+
+    def windows(self, available: int) -> int:
+        """How many of the text's ``available`` windows to score (see ``EvalOptions.ppl_windows``).
+        With ``ppl_windows=-1`` a quick run stays quick: ``limit`` shortens the PPL too."""
+        n = self.opts.ppl_windows
+        if n > 0:
+            return min(n, available)
+        if n == 0 or self.limit is None:
+            return available
+        if isinstance(self.limit, float):
+            return max(1, min(available, math.ceil(self.limit * available)))
+        return max(1, min(available, int(self.limit)))
 
     @property
     def empty(self) -> bool:
@@ -69,6 +92,7 @@ class EvalOutcome:
     metrics: dict[str, float] = field(default_factory=dict)  # as logged, without prefix
     seconds: float = 0.0
     ppl_params: dict[str, Any] = field(default_factory=dict)
+    ppl_available: int = 0  # windows the text holds at this seqlen (ppl[0].windows of them scored)
 
     @property
     def avg_acc(self) -> float | None:
@@ -91,18 +115,17 @@ def measure(loaded, plan: EvalPlan, on_metrics: Callable[[dict[str, float]], Non
         ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
         ctx = perplexity.context_length(model) or plan.opts.seqlen
         seqlen = min(plan.opts.seqlen, ctx)
-        n_windows = max(1, ids.numel() // seqlen)
-        if plan.opts.ppl_windows:
-            n_windows = min(n_windows, plan.opts.ppl_windows)
+        available = max(1, ids.numel() // seqlen)
+        n_windows = plan.windows(available)
         with progress(f"perplexity ({plan.ppl_name})", n_windows, unit="windows") as advance:
             res = perplexity.perplexity(model, ids, seqlen, plan.opts.ppl_batch_size,
-                                        dataset=plan.ppl_name, on_batch=advance,
-                                        max_windows=plan.opts.ppl_windows)
+                                        dataset=plan.ppl_name, on_batch=advance, max_windows=n_windows)
         out.ppl.append(res)
+        out.ppl_available = available
         out.metrics[f"ppl/{res.dataset}"] = res.ppl
         out.metrics[f"nll/{res.dataset}"] = res.nll
         out.ppl_params = {"ppl.dataset": res.dataset, "ppl.seqlen": res.seqlen,
-                          "ppl.windows": res.windows, "ppl.tokens": res.tokens}
+                          "ppl.windows": res.windows, "ppl.windows_total": available, "ppl.tokens": res.tokens}
         on_metrics({f"ppl/{res.dataset}": res.ppl, f"nll/{res.dataset}": res.nll})
     if plan.tasks:
         hr = harness.run_tasks(
@@ -141,6 +164,10 @@ def evaluate_model(model: str, opts: EvalOptions | None = None, *, adapter: str 
     opts = opts or EvalOptions()
     plan = plan_eval(opts)
     ref = resolve(model)
+    if ref.kind in ("hub", "alias") and not ref.gguf:
+        from mlproject.models import hub
+
+        hub.check_model(ref.raw, ref.target)  # seconds, not minutes of retries
     if fetch is None:  # runs:/ and models:/ references (also inside a logged adapter's lineage)
         from mlproject.tracking import download as fetch
     device = loading.pick_device(device)

@@ -87,7 +87,7 @@ def validate_tasks(tasks: list[str]) -> None:
 
 def parse_limit(value: str | float | int | None) -> int | float | None:
     """'' / 0 / None -> all documents; '0.2' -> 20% of each task; '50' -> 50 documents."""
-    if value in (None, "", "none", 0, "0"):
+    if value in (None, "", "none", "all", 0, "0"):
         return None
     try:
         number = float(value)
@@ -191,12 +191,17 @@ def metric_name(task: str, key: str) -> str:
     return f"{task}/{metric}" if filt == "none" else f"{task}/{metric}.{filt}"
 
 
+#: Keys of lm-eval's per-task results that describe the run, not the model: ``sample_len`` is
+#: the number of documents scored (in ``n-samples`` and the logged datasets, not a metric).
+NOT_SCORES = frozenset({"alias", "name", "sample_len", "sample_count", "samples"})
+
+
 def flatten_metrics(task_results: dict[str, dict[str, Any]]) -> dict[str, float]:
     """Every numeric task/group metric, stderr included, under its MLflow name."""
     out: dict[str, float] = {}
     for task, values in task_results.items():
         for key, value in values.items():
-            if key == "alias" or isinstance(value, (str, bool)) or value is None:
+            if key in NOT_SCORES or isinstance(value, (str, bool)) or value is None:
                 continue
             try:
                 v = float(value)

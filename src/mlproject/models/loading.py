@@ -307,6 +307,19 @@ def peek_config(ref: ModelRef, fetch: Fetch | None = None):
         return None
 
 
+def estimate_params(ref: ModelRef, fetch: Fetch | None = None) -> int | None:
+    """Parameters of the model behind ``ref`` without loading weights: counted on a weightless
+    model built from its config when that is cheap to read (``peek_config``), else the alias
+    table's ``params_b``; None when neither is known."""
+    config = peek_config(ref, fetch)
+    if config is not None:
+        try:
+            return count_params(meta_model(config))
+        except Exception as exc:  # noqa: BLE001 - an architecture transformers cannot build weightless
+            log.debug("no meta model for %s: %s", ref.raw, exc)
+    return int(ref.params_b * 1e9) if ref.params_b else None
+
+
 def meta_model(config):
     """A weightless (meta-device) model built from `config`: shapes and dtypes, no memory."""
     import torch

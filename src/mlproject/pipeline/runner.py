@@ -284,8 +284,4 @@ def _resolved_yaml(pipe: pspec.Pipeline, outputs: dict[str, dict[str, str]]) -> 
 
 
 def _ui_hint(prun: tracking.Run) -> str:
-    uri = tracking.tracking_uri()
-    if uri.startswith(("http://", "https://")):
-        return f"\nBrowse: {tracking.redact(uri)}/#/experiments/{prun.experiment_id}/runs/{prun.run_id}\n"
-    return (f"\nBrowse: mlflow ui --backend-store-uri {tracking.redact(uri)}  (or make ui), then open "
-            f"http://127.0.0.1:5000/#/experiments/{prun.experiment_id}/runs/{prun.run_id}\n")
+    return "\n" + tracking.where_to_look(prun.run_id, prun.experiment_id) + "\n"

@@ -47,11 +47,13 @@ def report(title: str, run: tracking.Run, step: str, params: dict, plan: EvalPla
         title=title,
         run_info={"run id": run.run_id, "step": step, "started": env["time"],
                   "command": f"`{tracking.command_line()}`"},
-        datasets={"PPL dataset": plan.opts.ppl_dataset, "lm-eval tasks": ", ".join(plan.tasks) or "none",
+        datasets={"PPL dataset": plan.opts.ppl_dataset, "PPL windows": plan.ppl_windows_setting,
+                  "lm-eval tasks": ", ".join(plan.tasks) or "none",
                   "limit": plan.limit if plan.limit is not None else "all",
                   "calibration": params.get("calibration", "N/A")},
         parameters=params,
         ppl=out.ppl,
+        ppl_windows_total=out.ppl_available or None,
         task_results=out.harness.raw.get("results") if out.harness else None,
         avg_acc=out.avg_acc,
         avg_metrics=out.harness.avg_metrics if out.harness else None,
@@ -66,6 +68,7 @@ def check(cfg: EvaluateConfig, parent: tracking.Run | None = None, pending: froz
     ref, device, dtype = common.check_model_args(cfg.model, cfg.adapter, cfg.device, cfg.dtype)
     plan = plan_eval(cfg)
     common.check_tracking(cfg.tracking_uri, ref, cfg.adapter, parent=parent, pending=pending)
+    common.check_model_sources(ref, cfg.adapter, device, dtype, pending)
     return ref, device, plan
 
 

@@ -241,6 +241,11 @@ def check(cfg: FinetuneStepConfig, parent: tracking.Run | None = None, pending: 
         if importlib.util.find_spec("bitsandbytes") is None:
             raise UserError("finetuning=qlora needs bitsandbytes: pip install bitsandbytes")
     common.check_tracking(cfg.tracking_uri, ref, cfg.adapter, parent=parent, pending=pending)
+    if cfg.finetuning == "full":  # weights, gradients and two Adam moments
+        per, purpose = 4 * dtype.itemsize, "fine-tune every weight (weights, gradients, Adam states)"
+    else:
+        per, purpose = (0.5 if cfg.finetuning == "qlora" else None), "load"
+    common.check_model_sources(ref, cfg.adapter, device, dtype, pending, bytes_per_param=per, purpose=purpose)
     return ref, spec, plan, device, dtype
 
 

@@ -55,6 +55,7 @@ def check(cfg: PruneStepConfig, parent: tracking.Run | None = None, pending: fro
     plan = plan_eval(cfg)
     pcfg = cfg.prune_config()
     common.check_tracking(cfg.tracking_uri, ref, cfg.adapter, parent=parent, pending=pending)
+    common.check_model_sources(ref, cfg.adapter, device, torch_dtype, pending)
     config = None if ref.run_id in pending else shared.peek_config(ref, "prune")
     if config is not None:
         meta = shared.meta_model(config)

@@ -88,6 +88,9 @@ def check(cfg: QuantizeConfig, parent: tracking.Run | None = None, pending: froz
     if not rtn:
         _check_bnb_installed()
     common.check_tracking(cfg.tracking_uri, ref, cfg.adapter, parent=parent, pending=pending)
+    # bitsandbytes quantizes while loading: 4 or 8 bits per weight, not the float dtype's size.
+    common.check_model_sources(ref, cfg.adapter, device, torch_dtype, pending,
+                               bytes_per_param=None if rtn else (1.0 if cfg.method == "bnb-int8" else 0.5))
     config = None if ref.run_id in pending else shared.peek_config(ref, "quantize")
     if rtn and config is not None and not getattr(config, "pruned_layer_sizes", None):
         meta = shared.meta_model(config)
