@@ -92,7 +92,7 @@ def test_three_steps_parent_child_and_lineage(pipe_file, mlflow_uri, tiny_dirs, 
     out = capsys.readouterr().out
     (parent,) = parents(mlflow_uri, exp)
     assert parent.info.status == "FINISHED" and parent.info.run_name == "pipeline:tiny3"
-    assert parent.data.metrics["pipeline/steps_run"] == 3 and parent.data.metrics["pipeline/steps_reused"] == 0
+    assert parent.data.metrics["system/pipeline/steps_run"] == 3 and parent.data.metrics["system/pipeline/steps_reused"] == 0
     kids = children(mlflow_uri, parent.info.run_id)
     assert set(kids) == {"base", "quant", "after"}
     assert all(k.info.status == "FINISHED" and k.info.experiment_id == parent.info.experiment_id
@@ -120,7 +120,7 @@ def test_second_run_reuses_every_step_without_loading(pipe_file, mlflow_uri, mon
     assert run_cli(mlflow_uri, exp, pipe_file) == 0
     second_parent = parents(mlflow_uri, exp)[-1]
     assert second_parent.info.status == "FINISHED"
-    assert second_parent.data.metrics["pipeline/steps_reused"] == 3
+    assert second_parent.data.metrics["system/pipeline/steps_reused"] == 3
     second = children(mlflow_uri, second_parent.info.run_id)
     for name in ("base", "quant", "after"):
         rec = second[name]

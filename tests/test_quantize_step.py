@@ -43,7 +43,7 @@ def test_rtn_run_is_recorded(rtn8, tiny_dirs, mlflow_uri, tmp_path):
         == {"method": "rtn", "w_bits": "8", "group_size": "32", "granularity": "per_group",
             "scheme": "symmetric", "seed": "42", "simulated": "true"}
     # 14 decoder linears at 8 + 16/32 bits; embeddings, norms and lm_head stay fp32
-    assert m["quant/layers"] == 14 and m["effective_bits"] == pytest.approx(8.5)
+    assert params["quant.layers"] == "14" and m["effective_bits"] == pytest.approx(8.5)
     linear = 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128)  # q,o 64x64; k,v 32x64; gate/up/down
     assert m["model_size_mb_before"] - m["model_size_mb"] == pytest.approx(linear * (4 - 8.5 / 8) / 2**20)
     assert m["params_b"] == pytest.approx(115008 / 1e9)

@@ -31,6 +31,15 @@ def shown_default(f: dataclasses.Field) -> Any:
     return f.metadata.get("empty") or f.default if f.default == "" else f.default
 
 
+def shown_value(cfg: Any, name: str) -> Any:
+    """A field's value as logged: an empty value as its ``empty`` word (what ``mlflow run`` logs)."""
+    value = getattr(cfg, name)
+    if value == "":
+        f = next(f for f in dataclasses.fields(cfg) if f.name == name)
+        return f.metadata.get("empty") or ""
+    return value
+
+
 def parse_bool(name: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value

@@ -109,3 +109,45 @@ def render(
     parts += ["## System metrics", metric_bullets(system or {}), "## Environment",
               bullet({k: v for k, v in (environment or {}).items() if v is not None})]
     return "\n\n".join(parts) + "\n"
+
+
+def description(title: str, metrics: Mapping[str, Any], *, avg_metrics: Mapping[str, str] | None = None,
+                settings: Mapping[str, Any] | None = None, before: Mapping[str, Any] | None = None,
+                notes: Iterable[str] = (), report: str | None = "report.md") -> str:
+    """The run's description (MLflow's note, shown atop the run page): the headline numbers and
+    the settings that make them comparable, in a few lines of Markdown."""
+    lines = [f"**{title}**"]
+    heads = []
+    for key in sorted(k for k in metrics if k.startswith("ppl/")):
+        heads.append(f"PPL {key[4:]} **{fmt_metric(key, metrics[key])}**" + _was(key, metrics, before))
+    if metrics.get("avg_acc") is not None:
+        heads.append(f"avg_acc **{fmt_metric('avg_acc', metrics['avg_acc'])}**" + _was("avg_acc", metrics, before))
+    if heads:
+        lines.append(" · ".join(heads))
+    if avg_metrics:
+        by_metric: dict[str, list[str]] = {}
+        for task, metric in avg_metrics.items():
+            key = f"{task}/{metric}"
+            if key in metrics:
+                by_metric.setdefault(metric, []).append(f"{task} {fmt_metric(key, metrics[key])}" + _was(key, metrics, before))
+        for metric, items in by_metric.items():
+            lines.append(f"{metric}: " + " · ".join(items))
+    size = []
+    for key, label in (("params_b", "B params"), ("model_size_mb", "MB"), ("peak_vram_mb", "MB peak VRAM"),
+                       ("peak_rss_mb", "MB peak RSS"), ("train_seconds", "s training"), ("eval_seconds", "s evaluating")):
+        if metrics.get(key) is not None:
+            size.append(f"{fmt_metric(key, metrics[key])} {label}")
+    if size:
+        lines.append(" · ".join(size))
+    if settings:
+        lines.append("Settings: " + " · ".join(f"{k} {v}" for k, v in settings.items() if v not in (None, "")))
+    lines.extend(n for n in notes if n)
+    if report:
+        lines.append(f"Full report: `{report}` (Artifacts tab).")
+    return "  \n".join(lines) + "\n"
+
+
+def _was(key: str, metrics: Mapping[str, Any], before: Mapping[str, Any] | None) -> str:
+    if not before or before.get(key) is None or metrics.get(key) is None:
+        return ""
+    return f" (before {fmt_metric(key, before[key])})"

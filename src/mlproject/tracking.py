@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 
 TAG_PREFIX = "mlproject."
 DEFAULT_EXPERIMENT = "mlproject"
+#: MLflow's own prefix for metrics that describe the machinery, not the model: the UI shows them
+#: under "System metrics", apart from the model metrics. Bookkeeping (compare, pipeline) goes here.
+SYSTEM_PREFIX = "system/"
+NOTE_TAG = "mlflow.note.content"
 _MAX_PARAM_LEN = 6000
 _MAX_TAG_LEN = 8000
 
@@ -103,6 +107,9 @@ class Run:
         self.experiment_id = experiment_id
         self.env: dict | None = None  # the snapshot logged as env.json, when step_run took one
         self.client = MlflowClient()
+        # MLflow LoggedModels this run produced, by name ("model", "adapter"); metrics logged
+        # after the "model" exists are linked to it (the experiment's Models tab shows them).
+        self.model_ids: dict[str, str] = {}
 
     # -- params, tags, metrics -------------------------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -133,12 +140,14 @@ class Run:
 
     def log_metric_steps(self, rows: "list[tuple[int, Mapping[str, float], int | None]]") -> None:
         """Many steps' metrics (``(step, {name: value}, timestamp_ms or None)``) in one request per
-        1000 points: training curves are buffered by the caller and sent with this."""
+        1000 points: training curves are buffered by the caller and sent with this. Once the run
+        has logged its output model, model metrics are linked to it (``system/`` ones are not)."""
         import time
 
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
+        model_id = self.model_ids.get("model")
         items = []
         for step, metrics, ts in rows:
             for name, value in metrics.items():
@@ -146,9 +155,72 @@ class Run:
                     v = float(value)
                 except (TypeError, ValueError):
                     continue
-                items.append(Metric(metric_key(name), v, ts or now, int(step)))
+                key = metric_key(name)
+                linked = model_id if model_id and not key.startswith(SYSTEM_PREFIX) else None
+                items.append(Metric(key, v, ts or now, int(step), model_id=linked))
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i:i + 1000], synchronous=True)
+
+    def set_description(self, markdown: str) -> None:
+        """The run's description (MLflow's ``mlflow.note.content`` tag): shown at the top of the
+        run page, so it carries the headline numbers and settings."""
+        self.set_tags({NOTE_TAG: markdown})
+
+    def log_datasets(self, specs: "list[Mapping[str, Any]]") -> None:
+        """Log what a step read as MLflow dataset inputs (the runs table's Dataset column, the
+        run page's Datasets). Each spec (plain data, see ``evaluation.engine.scored_datasets``):
+        ``name``, ``context`` (evaluation, training, calibration), ``source`` (``{"kind": "file",
+        "path"}`` or ``{"kind": "hf", "path", "config_name", "split"}``), optional ``rows`` (the
+        records scored: schema, row count and a content digest) or ``digest``, and ``tags``."""
+        if not specs:
+            return
+        from mlflow.entities import DatasetInput, InputTag
+
+        inputs = []
+        for spec in specs:
+            dataset = _dataset(spec)
+            tags = [InputTag("mlflow.data.context", spec.get("context") or "evaluation")]
+            tags += [InputTag(str(k), redact(v)) for k, v in (spec.get("tags") or {}).items()]
+            inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags))
+        try:
+            self.client.log_inputs(self.run_id, datasets=inputs)
+        except Exception as exc:  # noqa: BLE001 - the numbers matter more than their provenance card
+            log.warning("could not log the datasets of run %s: %s", self.run_id, str(exc).splitlines()[0])
+
+    def log_model_dir(self, local_dir: str | Path, name: str = "model", flavor: Mapping[str, Any] | None = None,
+                      tags: Mapping[str, Any] | None = None, params: Mapping[str, Any] | None = None) -> str:
+        """Log a model folder as this run's MLflow model ``name`` (an MLflow 3 LoggedModel): the
+        runs table's Models column, the experiment's Models tab (with the metrics logged after
+        it), the registry (``register_model``) and ``mlflow.transformers.load_model`` see it.
+
+        The folder stays what it was — a plain Hugging Face directory (or a PEFT adapter) with
+        ``mlproject_model.json`` — plus an ``MLmodel`` file describing it with ``flavor`` (the
+        transformers flavor's keys, ``model_binary: "."``). It is still fetched as
+        ``runs:/<run_id>/<name>`` (MLflow resolves a run's models by name), so every step keeps
+        taking the output of another. Returns the model id (``models:/<model_id>``)."""
+        from mlflow.entities import LoggedModelOutput
+        from mlflow.models import Model
+
+        model = self.client.create_logged_model(
+            self.experiment_id, name=name, source_run_id=self.run_id,
+            tags={k: str(v) for k, v in clean_mapping(tags or {}, _MAX_TAG_LEN).items()} or None,
+            params={k: str(v) for k, v in clean_mapping(params or {}, _MAX_PARAM_LEN).items()} or None,
+            model_type="transformers" if flavor else None)
+        try:
+            mlmodel = Model(artifact_path=model.artifact_location, run_id=self.run_id, model_id=model.model_id,
+                            model_uuid=model.model_id)
+            if flavor:
+                mlmodel.add_flavor("transformers", **flavor)
+            mlmodel.save(str(Path(local_dir) / "MLmodel"))
+            self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step=0)])
+            self.client.log_model_artifacts(model.model_id, str(local_dir))
+            self.client.finalize_logged_model(model.model_id, "READY")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.client.finalize_logged_model(model.model_id, "FAILED")
+            raise
+        self.model_ids[name] = model.model_id
+        return model.model_id
 
     def delete_tag(self, key: str) -> None:
         with contextlib.suppress(Exception):  # absent tag
@@ -176,6 +248,28 @@ class Run:
 
     def model_uri(self, path: str = "model") -> str:
         return f"runs:/{self.run_id}/{path}"
+
+
+def _dataset(spec: Mapping[str, Any]):
+    """An ``mlflow.data`` dataset for a spec of ``Run.log_datasets``."""
+    import mlflow.data
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    src = spec["source"]
+    if src.get("kind") == "hf":
+        from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+
+        source = HuggingFaceDatasetSource(path=src["path"], config_name=src.get("config_name"),
+                                          split=src.get("split"))
+    else:
+        source = resolve_dataset_source(str(src["path"]))
+    if spec.get("rows") is not None:
+        import pandas as pd
+
+        return mlflow.data.from_pandas(pd.DataFrame(list(spec["rows"])), source=source, name=spec["name"],
+                                       digest=spec.get("digest"))
+    return MetaDataset(source=source, name=spec["name"], digest=spec.get("digest"))
 
 
 def _env_tags(info: Mapping[str, Any]) -> dict[str, Any]:
@@ -279,6 +373,7 @@ def step_run(
             run.log_dict(run.env, "env.json")
         yield run
         status = "FINISHED"
+        publish_headline_view(run)
     except (KeyboardInterrupt, SystemExit) as exc:
         status = "KILLED"
         _record_error(run, f"{type(exc).__name__}: interrupted")
@@ -293,6 +388,60 @@ def step_run(
         else:
             with contextlib.suppress(Exception):
                 MlflowClient().set_terminated(run.run_id, status=status)
+
+
+#: The experiment's saved view (MLflow UI "Views" menu; ``?viewStateShareKey=`` in a link)
+#: whose runs table shows the headline numbers: MLflow's own runs table starts with none.
+HEADLINE_VIEW = "mlproject-headline"
+_VIEW_TAG = "mlflow.sharedViewState."
+
+
+def headline_columns(metrics: Mapping[str, float], tags: Mapping[str, str]) -> list[str]:
+    """Runs-table columns for a run's headline numbers (MLflow UI column keys)."""
+    keys = [k for k in ("avg_acc",) if k in metrics] + sorted(k for k in metrics if k.startswith("ppl/"))
+    try:
+        used = json.loads(tags.get(f"{TAG_PREFIX}avg_acc_metrics") or "{}")
+    except ValueError:
+        used = {}
+    keys += [f"{t}/{m}" for t, m in used.items() if f"{t}/{m}" in metrics]
+    keys += [k for k in ("params_b", "model_size_mb") if k in metrics]
+    return [f"metrics.`{k}`" for k in keys]
+
+
+def publish_headline_view(run: Run) -> str | None:
+    """Merge this run's headline columns into the experiment's saved view ``HEADLINE_VIEW`` (and
+    expand its pipeline parent), so the runs table opened through ``where_to_look``'s link shows
+    PPL, avg_acc and task scores without picking columns by hand. Best effort: never fails a run."""
+    import time
+
+    try:
+        data = run.client.get_run(run.run_id).data
+        columns = headline_columns(data.metrics, data.tags)
+        if not columns:
+            return None
+        exp = run.client.get_experiment(run.experiment_id)
+        key = _VIEW_TAG + HEADLINE_VIEW
+        state: dict = {}
+        created = int(time.time() * 1000)
+        if key in exp.tags:
+            envelope = json.loads(exp.tags[key])
+            state, created = json.loads(envelope["state"]), envelope.get("createdAt", created)
+        # metrics first (what a person looks for), then what was scored and the model logged
+        before = [c for c in state.get("selectedColumns", []) if c.startswith("metrics.")]
+        merged = list(dict.fromkeys(before + columns))
+        state["selectedColumns"] = merged + ["params.`limit`", "tags.`mlproject.role`", "attributes.`Dataset`",
+                                             "attributes.`Models`"]
+        state["columnOrder"] = state["selectedColumns"]  # else the UI sorts them by name
+        parent = data.tags.get("mlflow.parentRunId")
+        if parent:
+            state.setdefault("runsExpanded", {})[parent] = True
+        value = json.dumps({"name": "Headline numbers (mlproject)", "createdAt": created,
+                            "updatedAt": int(time.time() * 1000), "state": json.dumps(state)})
+        run.client.set_experiment_tag(run.experiment_id, key, value)
+        return HEADLINE_VIEW
+    except Exception as exc:  # noqa: BLE001 - a convenience for the UI, never a failure
+        log.debug("could not update the headline view of experiment %s: %s", run.experiment_id, exc)
+        return None
 
 
 def _record_error(run: Run, exc: BaseException | str) -> None:
@@ -321,10 +470,10 @@ def download(uri: str) -> Path:
                 name, version = body.split("/", 1)
                 mv = client.get_model_version(name, version)
             source = mv.source
-            if mv.run_id and not source.startswith("runs:/"):
-                # MLflow 3 may record a logged-model source; prefer the run's model folder.
+            if mv.run_id and not source.startswith(("runs:/", "models:/")):
+                # a storage location of a run's model folder: fetch it through the run
                 source = f"runs:/{mv.run_id}/model"
-            uri = source
+            uri = source  # runs:/<id>/<path> or models:/<model_id> (an MLflow 3 LoggedModel)
         dest = Path(tempfile.mkdtemp(prefix="mlproject-artifacts-"))
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest)))
     except MlflowException as exc:
@@ -382,10 +531,11 @@ def check_model_uri(uri: str) -> None:
     try:
         if uri.startswith("runs:/"):
             run_id, _, path = uri[len("runs:/"):].partition("/")
-            client.get_run(run_id)
+            run = client.get_run(run_id)
             top = path.split("/")[0]
-            if top and top not in {a.path for a in client.list_artifacts(run_id)}:
-                raise UserError(f"run {run_id} has no artifact {top!r} (from {uri})")
+            if top and top not in {a.path for a in client.list_artifacts(run_id)} \
+                    and logged_model(run_id, top, run.info.experiment_id) is None:
+                raise UserError(f"run {run_id} has no artifact or model {top!r} (from {uri})")
         elif uri.startswith("models:/"):
             body = uri[len("models:/"):]
             if "@" in body:
@@ -466,14 +616,37 @@ def record_reuse(parent: Run, step: str, original: Mapping[str, Any], run_name: 
     return run_id
 
 
+def logged_model(run_id: str, name: str = "model", experiment_id: str | None = None):
+    """The MLflow LoggedModel called ``name`` that run ``run_id`` produced, or None."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    experiment_id = experiment_id or client.get_run(run_id).info.experiment_id
+    token = None
+    while True:
+        page = client.search_logged_models([experiment_id], filter_string=f"name = '{name}'", page_token=token)
+        for model in page:
+            if model.source_run_id == run_id:
+                return model
+        token = page.token
+        if not token:
+            return None
+
+
 def register_model(run_id: str, name: str, alias: str | None = None, path: str = "model") -> str:
-    """Register a run's model folder as a version of `name`, optionally under an alias."""
+    """Register a run's model (its LoggedModel ``path``, else the artifact folder of that name) as a
+    version of `name`, optionally under an alias."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
     with contextlib.suppress(Exception):
         client.create_registered_model(name)
-    mv = client.create_model_version(name, source=f"runs:/{run_id}/{path}", run_id=run_id)
+    model = logged_model(run_id, path)
+    if model is not None:
+        mv = client.create_model_version(name, source=f"models:/{model.model_id}", run_id=run_id,
+                                         model_id=model.model_id)
+    else:
+        mv = client.create_model_version(name, source=f"runs:/{run_id}/{path}", run_id=run_id)
     if alias:
         client.set_registered_model_alias(name, alias, mv.version)
     return mv.version
@@ -487,9 +660,14 @@ def where_to_look(run_id: str, experiment_id: str | None = None, report: str = "
     if experiment_id is None:
         experiment_id = run_experiment_id(run_id)
     page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    table = ""
+    with contextlib.suppress(Exception):
+        if _VIEW_TAG + HEADLINE_VIEW in mlflow.get_experiment(experiment_id).tags:
+            table = f"#/experiments/{experiment_id}/runs?viewStateShareKey={HEADLINE_VIEW}"
     if uri.startswith(("http://", "https://")):
         base = redact(uri).rstrip("/")
-        return f"Report: {base}/{page}/artifacts/{report}\nUI: {base}/{page}"
+        return (f"Report: {base}/{page}/artifacts/{report}\nUI: {base}/{page}"
+                + (f"\nAll runs with their headline numbers: {base}/{table}" if table else ""))
     try:
         artifacts = mlflow.get_run(run_id).info.artifact_uri
     except Exception:  # noqa: BLE001 - a hint, never an error
@@ -501,7 +679,8 @@ def where_to_look(run_id: str, experiment_id: str | None = None, report: str = "
             artifacts = os.path.relpath(artifacts)
     report_line = f"Report: {artifacts}/{report}\n" if artifacts else ""
     return (report_line + f"UI: mlflow ui --backend-store-uri {redact(uri)} (or make ui), then open "
-            f"http://127.0.0.1:5000/{page}")
+            f"http://127.0.0.1:5000/{page}"
+            + (f"\nAll runs with their headline numbers: http://127.0.0.1:5000/{table}" if table else ""))
 
 
 def record_launch_error(message: str) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from mlproject.config import EvalOptions
@@ -67,6 +68,19 @@ class EvalPlan:
             return max(1, min(available, math.ceil(self.limit * available)))
         return max(1, min(available, int(self.limit)))
 
+    def settings(self, out: "EvalOutcome | None" = None) -> dict[str, Any]:
+        """The evaluation settings a reader needs to compare two runs' numbers (run descriptions)."""
+        ppl = None
+        if self.ppl_name:
+            ppl = f"{self.opts.ppl_dataset}"
+            if out is not None and out.ppl:
+                res = out.ppl[0]
+                of = f" of {out.ppl_available}" if out.ppl_available > res.windows else ""
+                ppl += f", {res.windows}{of} windows × {res.seqlen} tokens"
+        return {"tasks": ",".join(self.tasks) or "none", "limit": self.limit if self.limit is not None else "all",
+                "num_fewshot": self.num_fewshot if self.num_fewshot is not None else "task default",
+                "lm-eval batch": self.batch_size if self.tasks else None, "PPL": ppl, "seed": self.opts.seed}
+
     @property
     def empty(self) -> bool:
         """Nothing to measure (tasks=none and ppl_dataset=none)."""
@@ -93,6 +107,7 @@ class EvalOutcome:
     seconds: float = 0.0
     ppl_params: dict[str, Any] = field(default_factory=dict)
     ppl_available: int = 0  # windows the text holds at this seqlen (ppl[0].windows of them scored)
+    ppl_rows: list[dict] = field(default_factory=list)  # the scored windows' text
 
     @property
     def avg_acc(self) -> float | None:
@@ -126,6 +141,9 @@ def measure(loaded, plan: EvalPlan, on_metrics: Callable[[dict[str, float]], Non
         out.metrics[f"nll/{res.dataset}"] = res.nll
         out.ppl_params = {"ppl.dataset": res.dataset, "ppl.seqlen": res.seqlen,
                           "ppl.windows": res.windows, "ppl.windows_total": available, "ppl.tokens": res.tokens}
+        # What was scored, for the run's dataset inputs: the text of each window.
+        scored = perplexity.make_windows(ids, res.seqlen)[:res.windows]
+        out.ppl_rows = [{"window": i, "text": t} for i, t in enumerate(tok.batch_decode(scored))]
         on_metrics({f"ppl/{res.dataset}": res.ppl, f"nll/{res.dataset}": res.nll})
     if plan.tasks:
         hr = harness.run_tasks(
@@ -141,6 +159,75 @@ def measure(loaded, plan: EvalPlan, on_metrics: Callable[[dict[str, float]], Non
     out.metrics["eval_seconds"] = out.seconds
     on_metrics({"eval_seconds": out.seconds})
     return out
+
+
+def scored_datasets(plan: EvalPlan, out: EvalOutcome) -> list[dict[str, Any]]:
+    """What an evaluation scored, as dataset specs for ``tracking.Run.log_datasets`` (the runs
+    table's Dataset column): the PPL text's scored windows, and per requested task the documents
+    scored (``limit`` shows in the name: ``mlp_nonce (100 of 200 docs)``). Bundled tasks carry
+    their rows; hub tasks are named by their Hugging Face dataset, path and split."""
+    specs: list[dict[str, Any]] = []
+    if out.ppl:
+        res = out.ppl[0]
+        of = f" of {out.ppl_available}" if out.ppl_available > res.windows else ""
+        spec = plan.opts.ppl_dataset
+        source = ({"kind": "hf", "path": "wikitext", "config_name": "wikitext-2-raw-v1", "split": "test"}
+                  if spec == "wikitext2" else {"kind": "file", "path": str(perplexity.text_path(spec))})
+        specs.append({"name": f"ppl {res.dataset} ({res.windows}{of} × {res.seqlen} tokens)", "context": "evaluation",
+                      "source": source, "rows": out.ppl_rows or None,
+                      "tags": {"metrics": f"ppl/{res.dataset}, nll/{res.dataset}", "windows": f"{res.windows}{of}",
+                               "seqlen": res.seqlen}})
+    if out.harness is not None:
+        raw = out.harness.raw
+        configs, counts = raw.get("configs", {}), raw.get("n-samples", {})
+        for task in plan.tasks:
+            members = [task] if task in configs else list((raw.get("group_subtasks") or {}).get(task, []))
+            members = [m for m in members if m in configs]
+            if not members:
+                continue
+            n = sum(int((counts.get(m) or {}).get("effective", 0)) for m in members)
+            total = sum(int((counts.get(m) or {}).get("original", 0)) for m in members)
+            docs = f"{n} of {total} docs" if n < total else f"{total} docs"
+            name = f"{task} ({docs})" if len(members) == 1 else f"{task} ({len(members)} tasks, {docs})"
+            cfg = configs[members[0]]
+            split = cfg.get("test_split") or cfg.get("validation_split")
+            files = (cfg.get("dataset_kwargs") or {}).get("data_files") or {}
+            local = files.get(split) if isinstance(files, dict) else None
+            tags = {"limit": plan.limit if plan.limit is not None else "all", "documents": docs,
+                    "num_fewshot": cfg.get("num_fewshot", "task default"), "split": split}
+            if local and len(members) == 1 and Path(local).is_file():
+                rows = _first_rows(Path(local), n)
+                specs.append({"name": name, "context": "evaluation", "source": {"kind": "file", "path": local},
+                              "rows": rows, "tags": tags})
+            else:
+                specs.append({"name": name, "context": "evaluation", "digest": _digest(task, cfg, n),
+                              "source": {"kind": "hf", "path": cfg.get("dataset_path") or task,
+                                         "config_name": cfg.get("dataset_name"), "split": split},
+                              "tags": tags})
+    return specs
+
+
+def _first_rows(path: Path, n: int) -> list[dict]:
+    """The first ``n`` JSONL records (lm-eval's ``limit`` takes the first documents)."""
+    import json
+
+    rows = []
+    with path.open() as f:
+        for line in f:
+            if len(rows) >= n:
+                break
+            if line.strip():
+                rows.append({k: json.dumps(v) if isinstance(v, (dict, list)) else v
+                             for k, v in json.loads(line).items()})
+    return rows
+
+
+def _digest(task: str, cfg: dict, n: int) -> str:
+    import hashlib
+    import json
+
+    keep = {k: cfg.get(k) for k in ("dataset_path", "dataset_name", "test_split", "validation_split", "num_fewshot")}
+    return hashlib.sha256(json.dumps([task, keep, n], sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def model_metrics(model) -> dict[str, float]:

@@ -341,6 +341,51 @@ def count_params(model) -> int:
     return total
 
 
+def mlflow_flavor(model, tokenizer, out_dir: Path, source: str = "", base_path: str = "") -> dict:
+    """The ``transformers`` section of the ``MLmodel`` file for a model folder saved here, so that
+    ``mlflow.transformers.load_model`` loads it as MLflow's own flavor would (no second copy of
+    the weights): weights and config stay at the folder's root (``model_binary: "."``), the
+    tokenizer is also written where the flavor looks for it (``components/tokenizer``). A PEFT
+    adapter folder is the flavor's ``peft_adaptor`` (``"."``) on ``base_path`` (a hub id or local
+    directory: ``load_model(uri, base_model_path=…)`` takes another). ``source``: the hub id at
+    the root of the lineage, for the record. The keys are MLflow's MLmodel format."""
+    import transformers
+
+    out = Path(out_dir)
+    tokenizer.save_pretrained(out / "components" / "tokenizer")
+    peft = any(c.__name__ == "PeftModel" for c in type(model).__mro__)
+    base = model.get_base_model() if peft else model
+    flavor: dict[str, Any] = {
+        "task": "text-generation",
+        "instance_type": "TextGenerationPipeline",
+        "pipeline_model_type": type(base).__name__,
+        "source_model_name": source,
+        "components": ["tokenizer"],
+        "tokenizer_type": type(tokenizer).__name__,
+        "torch_dtype": str(getattr(base, "dtype", "")),
+        "transformers_version": transformers.__version__,
+        "code": None,
+    }
+    if peft:
+        flavor["peft_adaptor"] = "."
+        flavor["local_base_model_path"] = base_path
+    else:
+        flavor["model_binary"] = "."
+    return flavor
+
+
+def mlflow_base_path(reference: str) -> str:
+    """Where ``mlflow.transformers.load_model`` can load an adapter's base from: a hub id or a local
+    directory ("" for a runs:/ or models:/ base: pass ``base_model_path=`` when loading)."""
+    try:
+        ref = resolve(reference)
+    except UserError:
+        return ""
+    if ref.gguf:
+        return str(_converted_path(ref))
+    return ref.target if ref.kind in ("alias", "hub", "local") else ""
+
+
 def save_model_dir(loaded_model, tokenizer, out_dir: Path, **meta) -> Path:
     """Save weights + tokenizer + lineage metadata as a reloadable directory."""
     out_dir = Path(out_dir)

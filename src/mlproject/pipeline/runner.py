@@ -20,7 +20,9 @@ Order of work:
 
 The parent holds ``pipeline.yaml`` (the file with overrides applied and references
 resolved to run ids), ``report.md`` (the steps table and the last comparison), and metrics
-``pipeline/steps_run``, ``pipeline/steps_reused``, ``pipeline/seconds``.
+``system/pipeline/steps_run``, ``system/pipeline/steps_reused``, ``system/pipeline/seconds`` (MLflow's
+system-metrics namespace: bookkeeping, not model numbers), and a description listing each
+step's headline numbers.
 """
 
 from __future__ import annotations
@@ -208,13 +210,15 @@ def execute(the_plan: Plan, *, cfg: PipelineConfig | None = None, parent: tracki
             bar.close()
         seconds = time.perf_counter() - start
         ran = sum(1 for r in results.values() if not r.reused)
-        prun.log_metrics({"pipeline/steps_run": ran, "pipeline/steps_reused": len(results) - ran,
-                          "pipeline/seconds": seconds})
+        # Bookkeeping, not model numbers: MLflow's system/ namespace keeps them off the model metrics.
+        stats = {f"{tracking.SYSTEM_PREFIX}pipeline/steps_run": ran,
+                 f"{tracking.SYSTEM_PREFIX}pipeline/steps_reused": len(results) - ran,
+                 f"{tracking.SYSTEM_PREFIX}pipeline/seconds": seconds}
+        prun.log_metrics(stats)
         text = _log_report(prun, the_plan, results)
         prun.log_text(_resolved_yaml(pipe, outputs), "pipeline.yaml")
-        return StepResult(step="pipeline", run_id=prun.run_id, text=text + _ui_hint(prun),
-                          metrics={"pipeline/steps_run": ran, "pipeline/steps_reused": len(results) - ran,
-                                   "pipeline/seconds": seconds},
+        prun.set_description(_description(the_plan, results, ran, seconds))
+        return StepResult(step="pipeline", run_id=prun.run_id, text=text + _ui_hint(prun), metrics=stats,
                           details={"steps": results})
 
 
@@ -272,6 +276,27 @@ def _log_report(prun: tracking.Run, the_plan: Plan, results: dict[str, StepResul
     except Exception:  # reporting must not hide the step's own error
         log.warning("could not log the pipeline report", exc_info=True)
     return text
+
+
+def _description(the_plan: Plan, results: dict[str, StepResult], ran: int, seconds: float) -> str:
+    """The parent run's description: one line per step with its headline numbers."""
+    from mlproject.report import fmt_metric
+
+    pipe = the_plan.pipe
+    lines = [f"**pipeline {pipe.name}** · {len(results)} steps ({ran} run, {len(results) - ran} reused) "
+             f"in {fmt_metric('seconds', seconds)} s"]
+    if pipe.description:
+        lines.append(pipe.description)
+    for name in the_plan.order:
+        r = results.get(name)
+        if r is None:
+            continue
+        shown = [f"{k} {fmt_metric(k, v)}" for k, v in sorted(r.metrics.items())
+                 if k == "avg_acc" or k.startswith("ppl/") or k in ("model_size_mb", "params_b")]
+        status = " (reused)" if r.reused else ""
+        lines.append(f"- **{name}** ({r.step}{status}): " + (", ".join(shown) or "no scores"))
+    lines.append("Per-step runs are the children of this run; the comparison is in `report.md` (Artifacts tab).")
+    return "  \n".join(lines) + "\n"
 
 
 def _resolved_yaml(pipe: pspec.Pipeline, outputs: dict[str, dict[str, str]]) -> str:
