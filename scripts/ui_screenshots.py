@@ -1,9 +1,10 @@
-"""Screenshots of what a person sees in the MLflow UI: the runs table, a step's run page, the
-experiment's Models tab and the pipeline's run page, after a real (quick) demo pipeline.
+"""Screenshots of what a person sees in the MLflow UI: the runs table (as it opens, and through the
+"Headline numbers" view the commands link to), the experiment's Models tab and the run pages of
+a step and of the pipeline, after a real (quick) demo pipeline.
 
     python scripts/ui_screenshots.py                      # -> ui-screenshots/*.png
     python scripts/ui_screenshots.py --out /tmp/shots --set "limit=20 ppl_windows=2 recovered.max_steps=5"
-    python scripts/ui_screenshots.py --uri http://127.0.0.1:5000 --experiment demo   # an existing server
+    python scripts/ui_screenshots.py --uri http://127.0.0.1:5000   # a running server with a `demo` experiment
 
 It starts a throwaway ``mlflow server`` (SQLite + local artifacts under a temporary folder),
 runs ``pipelines/demo.yaml`` on SmolLM2 with quick settings (``--set``), then drives headless
@@ -79,6 +80,9 @@ def take(uri: str, experiment_id: str, out: Path) -> list[Path]:
         by_step.setdefault(tag(run, "mlproject.pipeline_step") or tag(run, "mlproject.step"), run["info"]["run_id"])
     base = f"{uri}/#/experiments/{experiment_id}"
     shots = [screenshot(f"{base}/runs", out / "runs_table.png"),
+             # the saved view every step keeps up to date (the link commands print)
+             screenshot(f"{base}/runs?viewStateShareKey=mlproject-headline", out / "runs_table_headline_view.png",
+                        size="2400,900"),
              screenshot(f"{base}/models", out / "models_tab.png")]
     for step, name in (("base", "run_page_evaluate.png"), ("rtn_w4", "run_page_quantize.png"),
                        ("pipeline", "run_page_pipeline.png")):

@@ -108,6 +108,13 @@ def test_three_steps_parent_child_and_lineage(pipe_file, mlflow_uri, tiny_dirs, 
     artifacts = {a.path for a in mlflow_client(mlflow_uri).list_artifacts(parent.info.run_id)}
     assert {"pipeline.yaml", "report.md"} <= artifacts
     assert quant.info.run_id in out and "ran" in out
+    # it ends with where the report is and the UI links (issue 11), the parent describes the steps
+    tail = out.strip().splitlines()[-3:]
+    assert tail[0].startswith("Report: ") and tail[0].endswith("/report.md") and parent.info.run_id in tail[0]
+    assert tail[1] == f"UI: {mlflow_uri}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
+    assert tail[2].endswith("runs?viewStateShareKey=mlproject-headline")
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith("**pipeline tiny3** · 3 steps (3 run, 0 reused)") and "- **after** (evaluate): " in note
     # quantizing changed the numbers: the two evaluations differ
     assert after.data.metrics["ppl/sample"] != kids["base"].data.metrics["ppl/sample"]
 

@@ -364,6 +364,9 @@ def step_run(
     try:
         base_tags = {f"{TAG_PREFIX}step": step, f"{TAG_PREFIX}command": command_line(), **_EXTRA_TAGS.get(),
                      **(tags or {})}
+        if str(started.data.tags.get("mlflow.source.name", "")).endswith("__main__.py"):
+            # MLflow names the source after sys.argv[0]: `python -m mlproject` reads as __main__.py
+            base_tags["mlflow.source.name"] = " ".join(command_line().split()[:2])
         if run_name:
             base_tags["mlflow.runName"] = run_name
         run.set_tags(base_tags)
@@ -409,9 +412,10 @@ def headline_columns(metrics: Mapping[str, float], tags: Mapping[str, str]) -> l
 
 
 def publish_headline_view(run: Run) -> str | None:
-    """Merge this run's headline columns into the experiment's saved view ``HEADLINE_VIEW`` (and
-    expand its pipeline parent), so the runs table opened through ``where_to_look``'s link shows
-    PPL, avg_acc and task scores without picking columns by hand. Best effort: never fails a run."""
+    """Merge this run's headline columns into the experiment's saved view ``HEADLINE_VIEW`` (step
+    runs only: pipeline parents and compare runs, which hold no scores, are filtered out), so the
+    runs table opened through ``where_to_look``'s link shows PPL, avg_acc and task scores without
+    picking columns by hand. Best effort: never fails a run."""
     import time
 
     try:
@@ -432,9 +436,17 @@ def publish_headline_view(run: Run) -> str | None:
         state["selectedColumns"] = merged + ["params.`limit`", "tags.`mlproject.role`", "attributes.`Dataset`",
                                              "attributes.`Models`"]
         state["columnOrder"] = state["selectedColumns"]  # else the UI sorts them by name
-        parent = data.tags.get("mlflow.parentRunId")
-        if parent:
-            state.setdefault("runsExpanded", {})[parent] = True
+        # A pipeline's steps are child runs, folded under a parent that has no scores, and a shared
+        # view cannot unfold them (MLflow drops runsExpanded from it): grouped by model family,
+        # with the groups open, the step runs are listed flat. Pipeline parents and compare runs
+        # (no scores) are filtered out.
+        state["searchFilter"] = (f"tags.`{TAG_PREFIX}step` != 'pipeline' AND tags.`{TAG_PREFIX}step` != 'compare' "
+                                 f"AND tags.`{TAG_PREFIX}step` != 'search'")
+        family = data.tags.get(f"{TAG_PREFIX}family")
+        if family:
+            state["groupBy"] = {"aggregateFunction": "max",
+                                "groupByKeys": [{"mode": "tag", "groupByData": f"{TAG_PREFIX}family"}]}
+            state.setdefault("groupsExpanded", {})[f"tag.{TAG_PREFIX}family.{family}"] = True
         value = json.dumps({"name": "Headline numbers (mlproject)", "createdAt": created,
                             "updatedAt": int(time.time() * 1000), "state": json.dumps(state)})
         run.client.set_experiment_tag(run.experiment_id, key, value)

@@ -250,7 +250,7 @@ def _run_one(prun: tracking.Run, planned: PlannedStep, cfg: Any) -> StepResult:
 
 def _log_report(prun: tracking.Run, the_plan: Plan, results: dict[str, StepResult],
                 failed: tuple[str, str] | None = None) -> str:
-    from mlproject.report import md_table
+    from mlproject.report import fmt_metric, md_table
 
     rows = []
     for name in the_plan.order:
@@ -264,7 +264,7 @@ def _log_report(prun: tracking.Run, the_plan: Plan, results: dict[str, StepResul
         shown = {k: v for k, v in r.metrics.items()
                  if k == "avg_acc" or k.startswith("ppl/") or k in ("model_size_mb", "params_b")}
         rows.append((name, p.step, r.run_id, status,
-                     ", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items())) or "-"))
+                     ", ".join(f"{k} {fmt_metric(k, v)}" for k, v in sorted(shown.items())) or "-"))
     title = f"pipeline {the_plan.pipe.name}"
     text = f"## {title}\n\n" + (the_plan.pipe.description + "\n\n" if the_plan.pipe.description else "")
     text += md_table(["step", "kind", "run", "status", "headline"], rows) + "\n"
@@ -283,8 +283,10 @@ def _description(the_plan: Plan, results: dict[str, StepResult], ran: int, secon
     from mlproject.report import fmt_metric
 
     pipe = the_plan.pipe
+    from mlproject.progress import duration
+
     lines = [f"**pipeline {pipe.name}** · {len(results)} steps ({ran} run, {len(results) - ran} reused) "
-             f"in {fmt_metric('seconds', seconds)} s"]
+             f"in {duration(seconds)}"]
     if pipe.description:
         lines.append(pipe.description)
     for name in the_plan.order:

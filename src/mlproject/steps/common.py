@@ -94,10 +94,12 @@ def warn_memory(ref: ModelRef, device: str, torch_dtype: Any, bytes_per_param: f
         log.debug("%s: ~%.1f GiB needed, %.1f GiB %s", ref.raw, need / 2**30, available / 2**30, where)
         return None
     dtype = str(torch_dtype).removeprefix("torch.")
+    fixes = ([] if device.startswith("cuda") else ["a GPU (device=cuda)"]) \
+        + (["dtype=bfloat16"] if per >= 4 else []) + ["a smaller model (model=smollm2)"]
     msg = (f"{ref.raw} has ~{n / 1e9:.2f} B parameters: to {purpose} it takes ~{need / 2**30:.1f} GiB "
            f"({per:g} bytes per parameter, {dtype}), but only {available / 2**30:.1f} GiB {where}; it may swap "
-           "or be killed. Use a GPU (device=cuda)" + (", dtype=bfloat16" if per >= 4 else "")
-           + " or a smaller model (model=smollm2).")
+           f"or be killed. Use {', '.join(fixes[:-1])} or {fixes[-1]}." if len(fixes) > 1 else
+           f"or be killed. Use {fixes[0]}.")
     log.warning("%s", msg)
     return msg
 
