@@ -86,9 +86,17 @@ def pipe_file(tmp_path, tiny_dirs, ppl_text_file):
     return write_pipeline(tmp_path / "tiny3.yaml", tiny_dirs["llama"], ppl_text_file)
 
 
-def test_three_steps_parent_child_and_lineage(pipe_file, mlflow_uri, tiny_dirs, capsys):
+def test_three_steps_parent_child_and_lineage(pipe_file, mlflow_uri, tiny_dirs, capsys, monkeypatch, caplog):
+    import logging
+
     exp = "pipe-links"
+    monkeypatch.setenv("MLPROJECT_PROGRESS", "log")
+    monkeypatch.setenv("MLPROJECT_PROGRESS_INTERVAL", "0")
+    caplog.set_level(logging.INFO, logger="mlproject.progress")
     assert run_cli(mlflow_uri, exp, pipe_file) == 0
+    progress = [r.getMessage() for r in caplog.records if r.name == "mlproject.progress"]
+    assert any(p.startswith("pipeline tiny3: 2/3 steps (67%) · ") and "ETA" in p for p in progress), progress
+    assert any(p.startswith("pipeline tiny3: 3/3 steps (100%) · done in") for p in progress)
     out = capsys.readouterr().out
     (parent,) = parents(mlflow_uri, exp)
     assert parent.info.status == "FINISHED" and parent.info.run_name == "pipeline:tiny3"
