@@ -158,11 +158,33 @@ def test_sft_adapter_reloads_with_identical_logits(sft_run, tiny_dirs, mlflow_ur
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
 
     # The evaluate step on runs:/<id>/model measures exactly what the finetune run logged as "after".
-    ev = evaluate.run(EvaluateConfig(model=result.model_uri, tasks="none", ppl_dataset=str(ppl_text_file),
+    # (the same limit: with ppl_windows=-1 it sets how many PPL windows are scored)
+    ev = evaluate.run(EvaluateConfig(model=result.model_uri, tasks="none", limit="4", ppl_dataset=str(ppl_text_file),
                                      seqlen=32, tracking_uri=mlflow_uri, experiment="test-finetune", dtype="float32"))
     assert ev.ppl["sample"] == pytest.approx(run.data.metrics["ppl/sample"], rel=1e-6)
     tags = mlflow_client(mlflow_uri).get_run(ev.run_id).data.tags
     assert tags["mlproject.upstream_run"] == result.run_id and tags["mlproject.base_model"] == str(tiny_dirs["llama"])
+
+
+def test_sft_adapter_is_an_mlflow_transformers_model(sft_run, tiny_dirs):
+    """The adapter is logged as an MLflow model (transformers flavor, PEFT adapter on its base), so
+    mlflow.transformers.load_model gives the same model as the loader every step uses."""
+    import mlflow
+    from peft import PeftModel
+
+    result, run, _ = sft_run
+    model = tracking.logged_model(result.run_id)
+    assert model is not None and model.name == "model" and str(model.status) in ("READY", "LoggedModelStatus.READY")
+    flavor = mlflow.models.get_model_info(result.model_uri).flavors["transformers"]
+    assert flavor["peft_adaptor"] == "." and flavor["local_base_model_path"] == str(tiny_dirs["llama"])
+    parts = mlflow.transformers.load_model(result.model_uri, return_type="components")
+    assert isinstance(parts["model"], PeftModel)
+    tok = parts["tokenizer"]
+    assert torch.equal(logits(parts["model"].eval(), tok), logits(reload(result.model_uri).model, tok))
+    assert "**finetune · " in run.data.tags["mlflow.note.content"]
+    training = [d for d in run.inputs.dataset_inputs if {"mlflow.data.context": "training"}.items()
+                <= {t.key: t.value for t in d.tags}.items()]
+    assert [d.dataset.name for d in training] == [f"{run.data.params['dataset']} (16 rows)"]
 
 
 def test_dpo_continues_the_sft_adapter_and_merges(sft_run, data, mlflow_uri, tiny_dirs, tmp_path):
@@ -225,6 +247,7 @@ def test_nan_loss_fails_the_run_with_the_message(mlflow_uri, tiny_dirs, data, tm
     curve = history(client, run.info.run_id, "train/loss") + history(client, run.info.run_id, "train/grad_norm")
     assert any(not math.isfinite(v) for _, v in curve)  # the diverged step is in the run
     assert "model" not in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert tracking.logged_model(run.info.run_id) is None  # nor an MLflow model
 
 
 def test_nan_loss_through_the_cli_is_one_line_and_exit_1(mlflow_uri, tiny_dirs, data, tmp_path, capsys):

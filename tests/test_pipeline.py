@@ -86,13 +86,21 @@ def pipe_file(tmp_path, tiny_dirs, ppl_text_file):
     return write_pipeline(tmp_path / "tiny3.yaml", tiny_dirs["llama"], ppl_text_file)
 
 
-def test_three_steps_parent_child_and_lineage(pipe_file, mlflow_uri, tiny_dirs, capsys):
+def test_three_steps_parent_child_and_lineage(pipe_file, mlflow_uri, tiny_dirs, capsys, monkeypatch, caplog):
+    import logging
+
     exp = "pipe-links"
+    monkeypatch.setenv("MLPROJECT_PROGRESS", "log")
+    monkeypatch.setenv("MLPROJECT_PROGRESS_INTERVAL", "0")
+    caplog.set_level(logging.INFO, logger="mlproject.progress")
     assert run_cli(mlflow_uri, exp, pipe_file) == 0
+    progress = [r.getMessage() for r in caplog.records if r.name == "mlproject.progress"]
+    assert any(p.startswith("pipeline tiny3: 2/3 steps (67%) · ") and "ETA" in p for p in progress), progress
+    assert any(p.startswith("pipeline tiny3: 3/3 steps (100%) · done in") for p in progress)
     out = capsys.readouterr().out
     (parent,) = parents(mlflow_uri, exp)
     assert parent.info.status == "FINISHED" and parent.info.run_name == "pipeline:tiny3"
-    assert parent.data.metrics["pipeline/steps_run"] == 3 and parent.data.metrics["pipeline/steps_reused"] == 0
+    assert parent.data.metrics["system/pipeline/steps_run"] == 3 and parent.data.metrics["system/pipeline/steps_reused"] == 0
     kids = children(mlflow_uri, parent.info.run_id)
     assert set(kids) == {"base", "quant", "after"}
     assert all(k.info.status == "FINISHED" and k.info.experiment_id == parent.info.experiment_id
@@ -108,6 +116,13 @@ def test_three_steps_parent_child_and_lineage(pipe_file, mlflow_uri, tiny_dirs, 
     artifacts = {a.path for a in mlflow_client(mlflow_uri).list_artifacts(parent.info.run_id)}
     assert {"pipeline.yaml", "report.md"} <= artifacts
     assert quant.info.run_id in out and "ran" in out
+    # it ends with where the report is and the UI links (issue 11), the parent describes the steps
+    tail = out.strip().splitlines()[-3:]
+    assert tail[0].startswith("Report: ") and tail[0].endswith("/report.md") and parent.info.run_id in tail[0]
+    assert tail[1] == f"UI: {mlflow_uri}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
+    assert tail[2].endswith("runs?viewStateShareKey=mlproject-headline")
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith("**pipeline tiny3** · 3 steps (3 run, 0 reused)") and "- **after** (evaluate): " in note
     # quantizing changed the numbers: the two evaluations differ
     assert after.data.metrics["ppl/sample"] != kids["base"].data.metrics["ppl/sample"]
 
@@ -120,7 +135,7 @@ def test_second_run_reuses_every_step_without_loading(pipe_file, mlflow_uri, mon
     assert run_cli(mlflow_uri, exp, pipe_file) == 0
     second_parent = parents(mlflow_uri, exp)[-1]
     assert second_parent.info.status == "FINISHED"
-    assert second_parent.data.metrics["pipeline/steps_reused"] == 3
+    assert second_parent.data.metrics["system/pipeline/steps_reused"] == 3
     second = children(mlflow_uri, second_parent.info.run_id)
     for name in ("base", "quant", "after"):
         rec = second[name]

@@ -86,8 +86,30 @@ def test_mlflow_run_evaluate_from_a_tmpfs_copy(tmpfs_clone, mlflow_uri, tiny_dir
     assert run.data.tags["mlproject.step"] == "evaluate"
     assert run.data.tags.get("mlflow.project.entryPoint") == "evaluate"  # the run MLflow created
     assert {"ppl/sample", "mlp_capitals/acc", "avg_acc"} <= set(run.data.metrics)
-    assert run.data.params["resolved.adapter"] == "none"  # mlflow logged the raw '' itself
+    # params read as words, not the shell-quoted '' mlflow run logs for empty values (issue 11)
+    params = run.data.params
+    assert params["adapter"] == "none" and params["role"] == "auto" and "resolved.adapter" not in params
+    assert "''" not in params.values()
+    assert run.data.tags["mlproject.command"].startswith("mlproject evaluate --model ")
     assert re.search(r"^\d+", run.data.params["ppl.windows"])
+
+
+@pytest.mark.slow
+def test_mlflow_run_with_an_unreachable_hub_fails_fast_and_says_why(tmpfs_clone, mlflow_uri, monkeypatch):
+    from mlflow_server import free_port
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    out = mlflow_run(tmpfs_clone, mlflow_uri, "mlflow-run-hub", "evaluate", model="some-org/some-model")
+    assert out.returncode != 0
+    assert "cannot reach the Hugging Face hub" in out.stderr and "model=smollm2" in out.stderr
+    client = mlflow_client(mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("mlflow-run-hub").experiment_id])
+    # mlflow run created the run before our code started: it ends FAILED with the reason on it
+    assert run.info.status == "FAILED"
+    assert run.data.tags["mlproject.error"].startswith("cannot reach the Hugging Face hub")
+    assert "Failed before it started" in run.data.tags["mlflow.note.content"]
 
 
 @pytest.mark.slow

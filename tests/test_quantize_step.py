@@ -44,7 +44,7 @@ def test_rtn_run_is_recorded(rtn8, tiny_dirs, mlflow_uri, tmp_path):
             "scheme": "symmetric", "seed": "42", "simulated": "true"}
     # 14 decoder linears at 8 + 16/32 bits; embeddings, norms and lm_head keep the load dtype
     # (dtype=auto: float32 on CPU, bfloat16 on CUDA: 4 or 2 bytes per weight before)
-    assert m["quant/layers"] == 14 and m["effective_bits"] == pytest.approx(8.5)
+    assert params["quant.layers"] == "14" and m["effective_bits"] == pytest.approx(8.5)
     nbytes = round(m["model_size_mb_before"] * 2**20 / 115008)
     assert nbytes == (2 if params["device"].startswith("cuda") else 4)
     linear = 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128)  # q,o 64x64; k,v 32x64; gate/up/down

@@ -21,10 +21,21 @@ def config_class(step: str):
     return entry(step).config_class()
 
 
+def _help(f: dataclasses.Field) -> str:
+    """The field's help with its default, said once (a help that names its default gets none added)."""
+    from mlproject.config import shown_default
+
+    text = f.metadata.get("help", "")
+    shown = shown_default(f)
+    if shown not in ("", None) and "(default" not in text:
+        text += f" (default: {str(shown).lower() if isinstance(shown, bool) else shown})"
+    return text.replace("%", "%%")
+
+
 def _add_config_flags(p: argparse.ArgumentParser, cls) -> None:
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": f.metadata.get("help", "")}
+        kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": _help(f)}
         if f.type in ("bool", bool):
             kwargs.update(nargs="?", const="true")
         if f.metadata.get("repeat"):
@@ -44,8 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     for info in [*STEPS.values(), *COMMANDS.values()]:
         cls = info.config_class()
         p = sub.add_parser(info.name, help=info.summary, description=cls.__doc__,
-                           aliases=[info.entry_point] if info.entry_point else [],
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           aliases=[info.entry_point] if info.entry_point else [])
         p.set_defaults(step=info.name)
         _add_config_flags(p, cls)
     # `mlproject runs sync|reap`: housekeeping commands, not steps (no run of their own).
@@ -80,11 +90,17 @@ def _terminate(signum, frame):  # noqa: ARG001 - signal handler signature
 def _summary(result: Any) -> str:
     if getattr(result, "text", None):
         return result.text
+    from mlproject.report import fmt_metric
+
     lines = [f"run_id: {getattr(result, 'run_id', '?')}"]
     for name, value in sorted((getattr(result, "metrics", None) or {}).items()):
         if "_stderr" in name:
             continue
-        lines.append(f"{name}: {value:.4f}" if isinstance(value, float) else f"{name}: {value}")
+        lines.append(f"{name}: {fmt_metric(name, value)}")
+    if getattr(result, "run_id", None):
+        from mlproject.tracking import where_to_look
+
+        lines.append(where_to_look(result.run_id))
     return "\n".join(lines)
 
 
@@ -99,12 +115,17 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    from mlproject import progress
+
     # Under torchrun / accelerate launch every rank runs this; the others log warnings only.
     quiet = distributed.active() and not distributed.is_main()
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO,
-        format=_rank_prefix() + "%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr,
-    )
+    level = logging.DEBUG if args.verbose else logging.WARNING if quiet else logging.INFO
+    # In a terminal, log lines go through rich so they print above the progress bars.
+    handler = progress.log_handler(level)
+    if distributed.active():  # one process per rank: say which one speaks
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(_rank_prefix() + "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     for noisy in ("urllib3", "filelock", "httpx", "datasets", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, _terminate)

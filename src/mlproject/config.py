@@ -16,12 +16,28 @@ from mlproject.errors import UserError
 
 
 def param(default: Any, help: str, choices: tuple | None = None, cli_only: bool = False,
-          positional: bool = False, repeat: bool = False):
+          positional: bool = False, repeat: bool = False, empty: str | None = None):
     """A config field with its documentation (and the choices the CLI/validation accept).
     ``positional``: the CLI also takes it as a bare argument; ``repeat``: the CLI flag may be
-    given several times (joined shell-quoted into the one string MLproject passes)."""
+    given several times (joined shell-quoted into the one string MLproject passes).
+    ``empty``: the word that stands for an empty value (``none``, ``all``, ``auto``) — MLproject
+    declares it as the default, because ``mlflow run`` logs an empty default as a literal ``''``."""
     return field(default=default, metadata={"help": help, "choices": choices, "cli_only": cli_only,
-                                            "positional": positional, "repeat": repeat})
+                                            "positional": positional, "repeat": repeat, "empty": empty})
+
+
+def shown_default(f: dataclasses.Field) -> Any:
+    """The default as MLproject, the README and --help show it (the ``empty`` word for "")."""
+    return f.metadata.get("empty") or f.default if f.default == "" else f.default
+
+
+def shown_value(cfg: Any, name: str) -> Any:
+    """A field's value as logged: an empty value as its ``empty`` word (what ``mlflow run`` logs)."""
+    value = getattr(cfg, name)
+    if value == "":
+        f = next(f for f in dataclasses.fields(cfg) if f.name == name)
+        return f.metadata.get("empty") or ""
+    return value
 
 
 def parse_bool(name: str, value: Any) -> bool:
@@ -54,6 +70,9 @@ def coerce_fields(cfg) -> None:
                 value = float(str(value).strip())
         except ValueError:
             raise UserError(f"{f.name} {value!r} is not a valid {kind}") from None
+        empty = f.metadata.get("empty")
+        if empty and isinstance(value, str) and value.strip().lower() == empty:
+            value = ""
         setattr(cfg, f.name, value)
         choices = f.metadata.get("choices")
         if choices:
@@ -74,14 +93,15 @@ class EvalOptions:
     """How a model is evaluated; shared by every step that evaluates its result."""
 
     tasks: str = param("offline", "comma list of lm-eval tasks/groups and suites (zeroshot7, quant7, offline); 'none' to skip")
-    limit: str = param("", "documents per task: a count (50) or a fraction (0.2); empty = all")
+    limit: str = param("", "documents per task: a count (50), a fraction (0.2) or all", empty="all")
     num_fewshot: int = param(-1, "few-shot examples per task; -1 = each task's default")
     batch_size: str = param("16", "lm-eval batch size (an integer or 'auto')")
     ppl_dataset: str = param("offline", "perplexity text: offline, wikitext2, a .txt path, or none")
     seqlen: int = param(2048, "perplexity window length in tokens (capped by the model's context)")
     ppl_batch_size: int = param(1, "windows per forward pass when computing perplexity")
-    ppl_windows: int = param(0, "perplexity windows scored: 0 = every window of the text, N = the first N "
-                             "(a quick, still deterministic PPL)")
+    ppl_windows: int = param(-1, "perplexity windows scored: N = the first N (a quick, still deterministic PPL), "
+                             "0 = every window of the text, -1 = auto: every window, or with limit set as many "
+                             "as limit takes documents (limit=N: N windows, limit=f: that fraction of them)")
     seed: int = param(42, "random seed of the run: lm-eval sampling and few-shot order, torch, calibration "
                       "windows, and for finetune the LoRA init, data order and dropout")
 
@@ -95,8 +115,8 @@ class EvalOptions:
             raise UserError(f"seqlen {self.seqlen} must be at least 2")
         if self.ppl_batch_size < 1:
             raise UserError(f"ppl_batch_size {self.ppl_batch_size} must be at least 1")
-        if self.ppl_windows < 0:
-            raise UserError(f"ppl_windows {self.ppl_windows} must be 0 (all windows) or a positive count")
+        if self.ppl_windows < -1:
+            raise UserError(f"ppl_windows {self.ppl_windows} must be -1 (auto), 0 (all windows) or a positive count")
         if self.num_fewshot < -1:
             raise UserError(f"num_fewshot {self.num_fewshot} must be -1 (task default) or >= 0")
 
@@ -136,7 +156,8 @@ class ModelOptions:
     """Which model, and how it is placed."""
 
     model: str = param("smollm2", "model: alias, Hugging Face id, local dir, runs:/<id>/<path> or models:/<name>@<alias>")
-    adapter: str = param("", "optional PEFT adapter on top of the model (dir, hub id or runs:/ URI)")
+    adapter: str = param("", "optional PEFT adapter on top of the model (dir, hub id or runs:/ URI); none = no adapter",
+                         empty="none")
     dtype: str = param("auto", "weights dtype (auto = bfloat16 on CUDA, float32 on CPU)",
                        choices=("auto", "float32", "bfloat16", "float16"))
     device: str = param("auto", "auto, cpu, cuda or cuda:N")
@@ -159,7 +180,8 @@ class LaunchOptions:
 class EvaluateConfig(LaunchOptions, CodeEvalOptions, EvalOptions, ModelOptions, RunOptions):
     """`evaluate`: perplexity + lm-eval tasks of one model, recorded as one MLflow run."""
 
-    role: str = param("", "role tag for compare (default: 'base' for a model not produced by a run, else 'eval')")
+    role: str = param("", "role tag for compare; auto = 'base' for a model not produced by a run, else 'eval'",
+                      empty="auto")
 
     def __post_init__(self):
         EvalOptions.__post_init__(self)
@@ -295,8 +317,8 @@ class FinetuneStepConfig(LaunchOptions, EvalOptions, ModelOptions, RunOptions):
                         "(full weights; the adapter goes to `adapter`)")
     resume: bool = param(_train_default("resume"), "continue from the last checkpoint in output_dir, "
                          "into the MLflow run that wrote it")
-    output_dir: str = param("", "checkpoint folder (default: outputs/finetune/<model>-<hash of the "
-                            "training settings>); resume looks here")
+    output_dir: str = param("", "checkpoint folder; auto = outputs/finetune/<model>-<hash of the "
+                            "training settings>; resume looks here", empty="auto")
     save_steps: int = param(_train_default("save_steps"), "checkpoint every N optimizer steps (0 = none)")
     gradient_checkpointing: bool = param(_train_default("gradient_checkpointing"),
                                          "recompute activations in backward (less memory, slower)")
@@ -329,13 +351,18 @@ class FinetuneStepConfig(LaunchOptions, EvalOptions, ModelOptions, RunOptions):
 class CompareConfig:
     """`compare`: delta tables, rankings and plots computed from runs on the tracking server."""
 
-    experiment: str = param("", "experiment(s) to compare, comma-separated names or ids (the compare run is recorded in the first)")
-    runs: str = param("", "run ids to compare, comma-separated (in addition to / instead of experiments)")
-    filter: str = param("", "MLflow search filter within the experiments, e.g. \"tags.`mlproject.role` != 'eval'\"")
-    baseline: str = param("", "baseline: <run id>, name:<run name>, role:<role> (per model family), or a|b (best of several)")
+    experiment: str = param("", "experiment(s) to compare, comma-separated names or ids (the compare run is "
+                            "recorded in the first, else in the first listed run's experiment)", empty="none")
+    runs: str = param("", "run ids to compare, comma-separated (in addition to / instead of experiments)",
+                      empty="none")
+    filter: str = param("", "MLflow search filter within the experiments, e.g. \"tags.`mlproject.role` != 'eval'\"",
+                        empty="none")
+    baseline: str = param("", "baseline: <run id>, name:<run name>, role:<role> (per model family), or a|b (best of "
+                          "several); none = versus needs exactly two runs", empty="none")
     view: str = param("all", "summary, versus, ranking or all (comma list allowed)")
-    metrics: str = param("", "metrics for versus/ranking: keys, leaves (pass@1), task names or prefixes; empty = task scores, avg_acc, ppl")
-    directions: str = param("", "better-direction overrides, e.g. avg_time=min,novelty=max")
+    metrics: str = param("", "metrics for versus/ranking: keys, leaves (pass@1), task names or prefixes; "
+                         "auto = task scores, avg_acc, ppl", empty="auto")
+    directions: str = param("", "better-direction overrides, e.g. avg_time=min,novelty=max", empty="none")
     format: str = param("md,csv,json,html,png", "output formats: md, csv, json, html, png")
     status: str = param("FINISHED", "run statuses to compare: FINISHED, or a comma list of FINISHED, RUNNING, "
                         "FAILED, KILLED, or all (runs listed by id are always compared; labels show other statuses)")
@@ -363,10 +390,10 @@ class PipelineConfig(RunOptions):
                           positional=True)
     set: str = param("", "overrides: key=value (every step that has the parameter) or <step>.key=value "
                      "(one step); several separated by spaces (quote values with spaces), or --set repeated",
-                     repeat=True)
+                     repeat=True, empty="none")
     dry_run: bool = param(False, "print the resolved steps, their keys and what would be reused; run nothing")
     no_reuse: bool = param(False, "recompute every step, even those whose result exists")
-    rerun: str = param("", "comma list of steps to recompute, with every step that depends on them")
+    rerun: str = param("", "comma list of steps to recompute, with every step that depends on them", empty="none")
 
     def __post_init__(self):
         coerce_fields(self)

@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 
 TAG_PREFIX = "mlproject."
 DEFAULT_EXPERIMENT = "mlproject"
+#: MLflow's own prefix for metrics that describe the machinery, not the model: the UI shows them
+#: under "System metrics", apart from the model metrics. Bookkeeping (compare, pipeline) goes here.
+SYSTEM_PREFIX = "system/"
+NOTE_TAG = "mlflow.note.content"
 _MAX_PARAM_LEN = 6000
 _MAX_TAG_LEN = 8000
 _METRIC_BAD = re.compile(r"[^\w\-. /:]")
@@ -392,6 +396,9 @@ class Run:
                         _first_line(exc))
             self.spool = None
         return self.spool
+        # MLflow LoggedModels this run produced, by name ("model", "adapter"); metrics logged
+        # after the "model" exists are linked to it (the experiment's Models tab shows them).
+        self.model_ids: dict[str, str] = {}
 
     # -- params, tags, metrics -------------------------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -432,8 +439,10 @@ class Run:
 
     def log_metric_steps(self, rows: "list[tuple[int, Mapping[str, float], int | None]]") -> None:
         """Many steps' metrics (``(step, {name: value}, timestamp_ms or None)``) in one request per
-        1000 points: training curves are buffered by the caller and sent with this."""
+        1000 points: training curves are buffered by the caller and sent with this. Once the run
+        has logged its output model, model metrics are linked to it (``system/`` ones are not)."""
         now = int(time.time() * 1000)
+        model_id = self.model_ids.get("model")
         points = []
         for step, metrics, ts in rows:
             for name, value in metrics.items():
@@ -441,9 +450,72 @@ class Run:
                     v = float(value)
                 except (TypeError, ValueError):
                     continue
-                points.append([metric_key(name), v, ts or now, int(step)])
+                key = metric_key(name)
+                linked = model_id if model_id and not key.startswith(SYSTEM_PREFIX) else None
+                points.append([key, v, ts or now, int(step)] + ([linked] if linked else []))
         if points:
             self._deliver("metrics", lambda: send_metrics(self.client, self.run_id, points), metrics=points)
+
+    def set_description(self, markdown: str) -> None:
+        """The run's description (MLflow's ``mlflow.note.content`` tag): shown at the top of the
+        run page, so it carries the headline numbers and settings."""
+        self.set_tags({NOTE_TAG: markdown})
+
+    def log_datasets(self, specs: "list[Mapping[str, Any]]") -> None:
+        """Log what a step read as MLflow dataset inputs (the runs table's Dataset column, the
+        run page's Datasets). Each spec (plain data, see ``evaluation.engine.scored_datasets``):
+        ``name``, ``context`` (evaluation, training, calibration), ``source`` (``{"kind": "file",
+        "path"}`` or ``{"kind": "hf", "path", "config_name", "split"}``), optional ``rows`` (the
+        records scored: schema, row count and a content digest) or ``digest``, and ``tags``."""
+        if not specs:
+            return
+        from mlflow.entities import DatasetInput, InputTag
+
+        inputs = []
+        for spec in specs:
+            dataset = _dataset(spec)
+            tags = [InputTag("mlflow.data.context", spec.get("context") or "evaluation")]
+            tags += [InputTag(str(k), redact(v)) for k, v in (spec.get("tags") or {}).items()]
+            inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags))
+        try:
+            self.client.log_inputs(self.run_id, datasets=inputs)
+        except Exception as exc:  # noqa: BLE001 - the numbers matter more than their provenance card
+            log.warning("could not log the datasets of run %s: %s", self.run_id, str(exc).splitlines()[0])
+
+    def log_model_dir(self, local_dir: str | Path, name: str = "model", flavor: Mapping[str, Any] | None = None,
+                      tags: Mapping[str, Any] | None = None, params: Mapping[str, Any] | None = None) -> str:
+        """Log a model folder as this run's MLflow model ``name`` (an MLflow 3 LoggedModel): the
+        runs table's Models column, the experiment's Models tab (with the metrics logged after
+        it), the registry (``register_model``) and ``mlflow.transformers.load_model`` see it.
+
+        The folder stays what it was — a plain Hugging Face directory (or a PEFT adapter) with
+        ``mlproject_model.json`` — plus an ``MLmodel`` file describing it with ``flavor`` (the
+        transformers flavor's keys, ``model_binary: "."``). It is still fetched as
+        ``runs:/<run_id>/<name>`` (MLflow resolves a run's models by name), so every step keeps
+        taking the output of another. Returns the model id (``models:/<model_id>``)."""
+        from mlflow.entities import LoggedModelOutput
+        from mlflow.models import Model
+
+        model = self.client.create_logged_model(
+            self.experiment_id, name=name, source_run_id=self.run_id,
+            tags={k: str(v) for k, v in clean_mapping(tags or {}, _MAX_TAG_LEN).items()} or None,
+            params={k: str(v) for k, v in clean_mapping(params or {}, _MAX_PARAM_LEN).items()} or None,
+            model_type="transformers" if flavor else None)
+        try:
+            mlmodel = Model(artifact_path=model.artifact_location, run_id=self.run_id, model_id=model.model_id,
+                            model_uuid=model.model_id)
+            if flavor:
+                mlmodel.add_flavor("transformers", **flavor)
+            mlmodel.save(str(Path(local_dir) / "MLmodel"))
+            self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step=0)])
+            self.client.log_model_artifacts(model.model_id, str(local_dir))
+            self.client.finalize_logged_model(model.model_id, "READY")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.client.finalize_logged_model(model.model_id, "FAILED")
+            raise
+        self.model_ids[name] = model.model_id
+        return model.model_id
 
     def delete_tag(self, key: str) -> None:
         def send():
@@ -559,6 +631,12 @@ class NullRun(Run):
     def open_spool(self, step):
         return None
 
+    def log_datasets(self, specs):
+        pass
+
+    def log_model_dir(self, local_dir, name="model", flavor=None, tags=None, params=None):
+        return ""
+
     def start_heartbeat(self, tag=True):
         pass
 
@@ -590,7 +668,9 @@ def resolve_params(existing: Mapping[str, str], params: Mapping[str, str]) -> di
 def send_metrics(client, run_id: str, points: list) -> None:
     from mlflow.entities import Metric
 
-    metrics = [Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in points]
+    # [key, value, timestamp, step] or, linked to an MLflow LoggedModel, [..., model_id]
+    metrics = [Metric(p[0], float(p[1]), int(p[2]), int(p[3]), model_id=p[4] if len(p) > 4 else None)
+               for p in points]
     for i in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[i:i + 1000], synchronous=True)
 
@@ -623,12 +703,39 @@ class _Heartbeat(threading.Thread):
                 client.set_tag(self.run_id, HEARTBEAT_TAG, str(int(time.time())))
 
 
+def _dataset(spec: Mapping[str, Any]):
+    """An ``mlflow.data`` dataset for a spec of ``Run.log_datasets``."""
+    import mlflow.data
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    src = spec["source"]
+    if src.get("kind") == "hf":
+        from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+
+        source = HuggingFaceDatasetSource(path=src["path"], config_name=src.get("config_name"),
+                                          split=src.get("split"))
+    else:
+        source = resolve_dataset_source(str(src["path"]))
+    if spec.get("rows") is not None:
+        import pandas as pd
+
+        return mlflow.data.from_pandas(pd.DataFrame(list(spec["rows"])), source=source, name=spec["name"],
+                                       digest=spec.get("digest"))
+    return MetaDataset(source=source, name=spec["name"], digest=spec.get("digest"))
+
+
 def _env_tags(info: Mapping[str, Any]) -> dict[str, Any]:
     return {f"env.{k}": v for k, v in info.items() if v is not None}
 
 
 def command_line() -> str:
-    return redact(" ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]]))
+    """The command as a person would type it: ``mlproject evaluate --model …`` whether it ran as
+    the console script or as ``python -m mlproject`` (MLproject's commands), never ``__main__.py``."""
+    prog = Path(sys.argv[0]).name
+    if prog == "__main__.py":
+        prog = Path(sys.argv[0]).parent.name or "python -m"
+    return redact(" ".join([prog, *(shlex.quote(a) for a in sys.argv[1:])]))
 
 
 _EXTRA_TAGS: contextvars.ContextVar[dict] = contextvars.ContextVar("mlproject_extra_tags", default={})
@@ -814,6 +921,9 @@ def _open_run(
         base_tags = {f"{TAG_PREFIX}step": step, f"{TAG_PREFIX}command": command_line(), **liveness_tags(),
                      **_EXTRA_TAGS.get(),
                      **(tags or {})}
+        if str(started.data.tags.get("mlflow.source.name", "")).endswith("__main__.py"):
+            # MLflow names the source after sys.argv[0]: `python -m mlproject` reads as __main__.py
+            base_tags["mlflow.source.name"] = " ".join(command_line().split()[:2])
         if run_name:
             base_tags["mlflow.runName"] = run_name
         run.set_tags(base_tags)
@@ -824,6 +934,7 @@ def _open_run(
             run.log_dict(run.env, "env.json")
         yield run
         status = "FINISHED"
+        publish_headline_view(run)
     except (KeyboardInterrupt, SystemExit) as exc:
         status = "KILLED"
         _LINK.exiting = True  # a signal is honoured within seconds, whatever the server does
@@ -835,6 +946,69 @@ def _open_run(
     finally:
         # Ends exactly this run (a child never ends its parent, whatever happened inside).
         _close(run, status)
+
+
+#: The experiment's saved view (MLflow UI "Views" menu; ``?viewStateShareKey=`` in a link)
+#: whose runs table shows the headline numbers: MLflow's own runs table starts with none.
+HEADLINE_VIEW = "mlproject-headline"
+_VIEW_TAG = "mlflow.sharedViewState."
+
+
+def headline_columns(metrics: Mapping[str, float], tags: Mapping[str, str]) -> list[str]:
+    """Runs-table columns for a run's headline numbers (MLflow UI column keys)."""
+    keys = [k for k in ("avg_acc",) if k in metrics] + sorted(k for k in metrics if k.startswith("ppl/"))
+    try:
+        used = json.loads(tags.get(f"{TAG_PREFIX}avg_acc_metrics") or "{}")
+    except ValueError:
+        used = {}
+    keys += [f"{t}/{m}" for t, m in used.items() if f"{t}/{m}" in metrics]
+    keys += [k for k in ("params_b", "model_size_mb") if k in metrics]
+    return [f"metrics.`{k}`" for k in keys]
+
+
+def publish_headline_view(run: Run) -> str | None:
+    """Merge this run's headline columns into the experiment's saved view ``HEADLINE_VIEW`` (step
+    runs only: pipeline parents and compare runs, which hold no scores, are filtered out), so the
+    runs table opened through ``where_to_look``'s link shows PPL, avg_acc and task scores without
+    picking columns by hand. Best effort: never fails a run."""
+    import time
+
+    try:
+        data = run.client.get_run(run.run_id).data
+        columns = headline_columns(data.metrics, data.tags)
+        if not columns:
+            return None
+        exp = run.client.get_experiment(run.experiment_id)
+        key = _VIEW_TAG + HEADLINE_VIEW
+        state: dict = {}
+        created = int(time.time() * 1000)
+        if key in exp.tags:
+            envelope = json.loads(exp.tags[key])
+            state, created = json.loads(envelope["state"]), envelope.get("createdAt", created)
+        # metrics first (what a person looks for), then what was scored and the model logged
+        before = [c for c in state.get("selectedColumns", []) if c.startswith("metrics.")]
+        merged = list(dict.fromkeys(before + columns))
+        state["selectedColumns"] = merged + ["params.`limit`", "tags.`mlproject.role`", "attributes.`Dataset`",
+                                             "attributes.`Models`"]
+        state["columnOrder"] = state["selectedColumns"]  # else the UI sorts them by name
+        # A pipeline's steps are child runs, folded under a parent that has no scores, and a shared
+        # view cannot unfold them (MLflow drops runsExpanded from it): grouped by model family,
+        # with the groups open, the step runs are listed flat. Pipeline parents and compare runs
+        # (no scores) are filtered out.
+        state["searchFilter"] = (f"tags.`{TAG_PREFIX}step` != 'pipeline' AND tags.`{TAG_PREFIX}step` != 'compare' "
+                                 f"AND tags.`{TAG_PREFIX}step` != 'search'")
+        family = data.tags.get(f"{TAG_PREFIX}family")
+        if family:
+            state["groupBy"] = {"aggregateFunction": "max",
+                                "groupByKeys": [{"mode": "tag", "groupByData": f"{TAG_PREFIX}family"}]}
+            state.setdefault("groupsExpanded", {})[f"tag.{TAG_PREFIX}family.{family}"] = True
+        value = json.dumps({"name": "Headline numbers (mlproject)", "createdAt": created,
+                            "updatedAt": int(time.time() * 1000), "state": json.dumps(state)})
+        run.client.set_experiment_tag(run.experiment_id, key, value)
+        return HEADLINE_VIEW
+    except Exception as exc:  # noqa: BLE001 - a convenience for the UI, never a failure
+        log.debug("could not update the headline view of experiment %s: %s", run.experiment_id, exc)
+        return None
 
 
 def _record_error(run: Run, exc: BaseException | str) -> None:
@@ -921,8 +1095,8 @@ def _download(uri: str) -> Path:
                 name, version = body.split("/", 1)
                 mv = client.get_model_version(name, version)
             source = mv.source
-            if mv.run_id and not source.startswith("runs:/"):
-                # MLflow 3 may record a logged-model source; prefer the run's model folder.
+            if mv.run_id and not source.startswith(("runs:/", "models:/")):
+                # a storage location of a run's model folder: fetch it through the run
                 source = f"runs:/{mv.run_id}/model"
             uri = source
         version = ""
@@ -1041,10 +1215,11 @@ def check_model_uri(uri: str) -> None:
     try:
         if uri.startswith("runs:/"):
             run_id, _, path = uri[len("runs:/"):].partition("/")
-            client.get_run(run_id)
+            run = client.get_run(run_id)
             top = path.split("/")[0]
-            if top and top not in {a.path for a in client.list_artifacts(run_id)}:
-                raise UserError(f"run {run_id} has no artifact {top!r} (from {uri})")
+            if top and top not in {a.path for a in client.list_artifacts(run_id)} \
+                    and logged_model(run_id, top, run.info.experiment_id) is None:
+                raise UserError(f"run {run_id} has no artifact or model {top!r} (from {uri})")
         elif uri.startswith("models:/"):
             body = uri[len("models:/"):]
             if "@" in body:
@@ -1128,18 +1303,92 @@ def record_reuse(parent: Run, step: str, original: Mapping[str, Any], run_name: 
     return run_id
 
 
+def logged_model(run_id: str, name: str = "model", experiment_id: str | None = None):
+    """The MLflow LoggedModel called ``name`` that run ``run_id`` produced, or None."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    experiment_id = experiment_id or client.get_run(run_id).info.experiment_id
+    token = None
+    while True:
+        page = client.search_logged_models([experiment_id], filter_string=f"name = '{name}'", page_token=token)
+        for model in page:
+            if model.source_run_id == run_id:
+                return model
+        token = page.token
+        if not token:
+            return None
+
+
+
+
 @distributed.main_only
 def register_model(run_id: str, name: str, alias: str | None = None, path: str = "model") -> str:
-    """Register a run's model folder as a version of `name`, optionally under an alias."""
+    """Register a run's model (its LoggedModel ``path``, else the artifact folder of that name) as a
+    version of `name`, optionally under an alias."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
     with contextlib.suppress(Exception):
         client.create_registered_model(name)
-    mv = client.create_model_version(name, source=f"runs:/{run_id}/{path}", run_id=run_id)
+    model = logged_model(run_id, path)
+    if model is not None:
+        mv = client.create_model_version(name, source=f"models:/{model.model_id}", run_id=run_id,
+                                         model_id=model.model_id)
+    else:
+        mv = client.create_model_version(name, source=f"runs:/{run_id}/{path}", run_id=run_id)
     if alias:
         client.set_registered_model_alias(name, alias, mv.version)
     return mv.version
+
+
+def where_to_look(run_id: str, experiment_id: str | None = None, report: str = "report.md") -> str:
+    """Two lines that end a command: where the run's report is and how to open the run in the UI."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if experiment_id is None:
+        experiment_id = run_experiment_id(run_id)
+    page = f"#/experiments/{experiment_id}/runs/{run_id}"
+    table = ""
+    with contextlib.suppress(Exception):
+        if _VIEW_TAG + HEADLINE_VIEW in mlflow.get_experiment(experiment_id).tags:
+            table = f"#/experiments/{experiment_id}/runs?viewStateShareKey={HEADLINE_VIEW}"
+    if uri.startswith(("http://", "https://")):
+        base = redact(uri).rstrip("/")
+        return (f"Report: {base}/{page}/artifacts/{report}\nUI: {base}/{page}"
+                + (f"\nAll runs with their headline numbers: {base}/{table}" if table else ""))
+    try:
+        artifacts = mlflow.get_run(run_id).info.artifact_uri
+    except Exception:  # noqa: BLE001 - a hint, never an error
+        artifacts = ""
+    if artifacts.startswith("file://"):
+        artifacts = artifacts[len("file://"):]
+    if artifacts.startswith("/"):
+        with contextlib.suppress(ValueError):
+            artifacts = os.path.relpath(artifacts)
+    report_line = f"Report: {artifacts}/{report}\n" if artifacts else ""
+    return (report_line + f"UI: mlflow ui --backend-store-uri {redact(uri)} (or make ui), then open "
+            f"http://127.0.0.1:5000/{page}"
+            + (f"\nAll runs with their headline numbers: http://127.0.0.1:5000/{table}" if table else ""))
+
+
+def record_launch_error(message: str) -> None:
+    """Under ``mlflow run`` a bad input fails after MLflow created the run: give that run the error
+    (tag ``mlproject.error`` and its description) so the UI says why it FAILED. Best effort, and
+    quick: nothing is tried when the server does not answer."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not run_id:
+        return
+    try:
+        check_server(timeout=2.0)
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient()
+        client.set_tag(run_id, f"{TAG_PREFIX}error", redact(message)[:_MAX_TAG_LEN])
+        client.set_tag(run_id, "mlflow.note.content", redact(f"**Failed before it started:** {message}"))
+    except Exception:  # noqa: BLE001 - the user sees the error on stderr anyway
+        log.debug("could not record the error on run %s", run_id, exc_info=True)
 
 
 def finite(x: float) -> bool:
@@ -1331,7 +1580,10 @@ def record_refusal(step: str, message: str) -> None:
                 return  # the step ran in this run and recorded its own failure
             client.log_batch(run_id, tags=[RunTag("mlflow.runName", f"{step}:refused"),
                                            RunTag(f"{TAG_PREFIX}step", step),
-                                           RunTag(ERROR_TAG, redact(message)[:_MAX_TAG_LEN])], synchronous=True)
+                                           RunTag(ERROR_TAG, redact(message)[:_MAX_TAG_LEN]),
+                                           RunTag("mlflow.note.content",
+                                                  redact(f"**Refused before it started:** {message}"))],
+                             synchronous=True)
             client.set_terminated(run_id, "FAILED")
     except Exception as exc:  # the tracking server may be what was refused
         log.debug("could not record the refusal on run %s: %s", run_id, exc)

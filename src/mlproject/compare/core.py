@@ -44,6 +44,14 @@ class CompareResult:
     #: code tasks: the problems every compared run solved, on which times are compared
     common: dict[str, T.CommonSet] = field(default_factory=dict)
 
+    @property
+    def setting_flags(self) -> dict[str, str]:
+        """run id → the evaluation settings in which it differs from its reference (only those)."""
+        t = self.tables.get("settings")
+        if t is None or t.empty:
+            return {}
+        return {r.run_id: r.differs for r in t.itertuples() if r.differs}
+
     @cached_property
     def tidy(self) -> pd.DataFrame:
         """One row per (run, metric) with lineage columns (in-scope and lineage runs)."""
@@ -210,6 +218,13 @@ def compute(runset: RunSet, spec: CompareSpec) -> CompareResult:
             [{"task": c.task, "runs": len(c.runs), "common_problems": len(c.problems),
               "problems_seen": c.total, "applied": c.applied, "missing_runs": c.missing,
               "problems": c.problems} for c in common.values()])
+    settings = T.settings_check(runs, metrics, base)
+    if len(settings):
+        tables["settings"] = settings
+        odd = settings[settings["differs"] != ""]
+        if len(odd):
+            notes.insert(0, "⚠ evaluation settings differ, so these numbers are not directly comparable: "
+                         + "; ".join(f"{r.run}: {r.differs}" for r in odd.itertuples()))
     if not len(scope):
         notes.append("no runs matched")
     return CompareResult(spec=spec, runset=runset, tables=tables, scores=scores, directions=d,

@@ -53,8 +53,20 @@ TAG_KEYS = {
     "parent_run": "mlflow.parentRunId",
 }
 REUSED_TAG = "mlproject.reused_from"
+#: Evaluation settings that make two runs' numbers comparable (or not): column ``setting:<name>``
+#: of ``RunSet.runs``, read from the first of these params / tags the run has (``resolved.<p>`` is
+#: what a step logged beside the raw value ``mlflow run`` logged). PPL settings are the ones used.
+SETTINGS = {
+    "limit": ("param:resolved.limit", "param:limit"),
+    "num_fewshot": ("param:resolved.num_fewshot", "param:num_fewshot"),
+    "batch_size": ("param:resolved.batch_size", "param:batch_size"),
+    "seqlen": ("param:ppl.seqlen",),
+    "ppl_windows": ("param:ppl.windows",),
+    "lm_eval": ("tag:env.pkg.lm_eval",),
+}
+SETTING_PREFIX = "setting:"
 RUN_COLUMNS = ["run_name", "experiment_id", "experiment", "status", "start_time", "end_time",
-               *TAG_KEYS, "in_scope"]
+               *TAG_KEYS, "in_scope", *(SETTING_PREFIX + k for k in SETTINGS)]
 
 #: mlflow.store.tracking.SEARCH_MAX_RESULTS_THRESHOLD; the REST handler rejects more.
 SERVER_PAGE_CAP = 50_000
@@ -111,6 +123,11 @@ class RunSet:
             }
             for col, tag in TAG_KEYS.items():
                 row[col] = tags.get(tag) or rec.get(col) or None
+            params = rec.get("params") or {}
+            for name, sources in SETTINGS.items():
+                row[SETTING_PREFIX + name] = rec.get(SETTING_PREFIX + name) or next(
+                    (v for kind, _, key in (src.partition(":") for src in sources)
+                     if (v := (params if kind == "param" else tags).get(key)) not in (None, "")), None)
             rows.append(row)
             mets.append(rec.get("metrics") or {})
             ids.append(rec["run_id"])
@@ -422,6 +439,7 @@ def _json_record(r: dict) -> dict:
         "end_time": _int(info.get("end_time")),
         "tags": {t["key"]: t.get("value", "") for t in data.get("tags", ())},
         "metrics": {m["key"]: _num(m.get("value", "NaN")) for m in data.get("metrics", ())},
+        "params": {p["key"]: p.get("value", "") for p in data.get("params", ())},
     }
 
 
@@ -431,7 +449,7 @@ def _entity_record(run) -> dict:
         "run_id": info.run_id, "run_name": info.run_name,
         "experiment_id": str(info.experiment_id), "status": info.status,
         "start_time": info.start_time, "end_time": info.end_time,
-        "tags": dict(run.data.tags), "metrics": dict(run.data.metrics),
+        "tags": dict(run.data.tags), "metrics": dict(run.data.metrics), "params": dict(run.data.params),
     }
 
 

@@ -123,6 +123,7 @@ def blocks(result, max_rows: int | None = None, images: list[str] | None = None)
     max_rows = max_rows or spec.max_rows
     out: list = [Heading(1, spec.title or _title(result))]
     out.append(Para(_scope_line(result)))
+    out += _settings_blocks(result)
     t = result.tables
     if "summary" in t:
         out += _summary_blocks(result, t["summary"], t["summary_tasks"], max_rows)
@@ -132,10 +133,31 @@ def blocks(result, max_rows: int | None = None, images: list[str] | None = None)
         out += _ranking_blocks(result, t["ranking"], t.get("ranking_delta"),
                                t.get("ranking_lists"), max_rows)
     out += _pareto_blocks(result, t.get("pareto"), images or [])
-    notes = _method_notes(result) + list(result.notes)
+    notes = _method_notes(result) + [n for n in result.notes if not n.startswith(FLAG)]
     if notes:
         out += [Heading(2, "Notes"), Items("", notes)]
     return out
+
+
+FLAG = "⚠"
+
+
+def _flag(result, run_id) -> str:
+    """`` ⚠`` after a run whose evaluation settings differ from its reference (see the block)."""
+    return f" {FLAG}" if run_id in result.setting_flags else ""
+
+
+def _settings_blocks(result) -> list:
+    flags = result.setting_flags
+    if not flags:
+        return []
+    t = result.tables["settings"]
+    rows = [[_c(f"{r.run} {FLAG}"), _c(r.differs), _c(r.reference)] for r in t.itertuples() if r.differs]
+    return [Heading(2, f"{FLAG} Evaluation settings differ"),
+            Para("These runs were scored with other evaluation settings than the run they are compared with "
+                 "(limit, few-shot, batch size, PPL seqlen or windows, lm-eval version), so their differences "
+                 "mix the model with the measurement. Rows marked " + FLAG + " below are these runs."),
+            Table(["Run", "Differs", "Compared with"], rows, ["l", "l", "l"])]
 
 
 def _title(result) -> str:
@@ -205,7 +227,7 @@ def _summary_blocks(result, summ: pd.DataFrame, per_task: pd.DataFrame, max_rows
     cols += ["Mean acc before", "Mean acc after", "Mean acc change %"]
     rows = []
     for _, r in summ.head(max_rows).iterrows():
-        row = ([_c(_s(r["family"]))] if fam else []) + [_c(_s(r["role"]))] + \
+        row = ([_c(_s(r["family"]))] if fam else []) + [_c(_s(r["role"]) + _flag(result, r["run_id"]))] + \
             ([_c(r["run"])] if dup else [])
         if show_params:
             row.append(_c(fmt(r["params_b"], 2)))
@@ -231,7 +253,7 @@ def _summary_blocks(result, summ: pd.DataFrame, per_task: pd.DataFrame, max_rows
                 ["Before", "After", "Change"]
             rows = []
             for _, r in g.head(max_rows).iterrows():
-                rows.append(([_c(_s(r["family"]))] if fam else []) + [_c(_s(r["role"]))]
+                rows.append(([_c(_s(r["family"]))] if fam else []) + [_c(_s(r["role"]) + _flag(result, r["run_id"]))]
                             + ([_c(r["run"])] if dup else [])
                             + [_c(fmt(r["before"], 4)), _c(fmt(r["after"], 4)),
                                _tone_cell(fmt(r["change"], 4, sign=True),
@@ -267,6 +289,8 @@ def _versus_blocks(result, vs: pd.DataFrame, summ: pd.DataFrame, max_rows: int):
     for cid in cands[:limit]:
         g = vs[vs["candidate_id"] == cid]
         out.append(Heading(3, f"{g['candidate'].iloc[0]} vs {g['baseline'].iloc[0]}"))
+        if cid in result.setting_flags:
+            out.append(Para(f"{FLAG} Scored with other settings: {result.setting_flags[cid]}."))
         rows = []
         for _, r in g.iterrows():
             pts = r["unit"] == "pts"
@@ -342,7 +366,7 @@ def _ranking_blocks(result, rk: pd.DataFrame, delta, lists, max_rows: int):
         names = dict(zip(g["run_id"], g["run"], strict=True))
         rows = []
         for rid in run_order:
-            row = [_c(names[rid])]
+            row = [_c(names[rid] + _flag(result, rid))]
             for k in keys:
                 hit = cells.get((rid, k))
                 if hit is None or pd.isna(hit[0]):
@@ -378,7 +402,9 @@ def _ranking_blocks(result, rk: pd.DataFrame, delta, lists, max_rows: int):
         overall = lists[lists["benchmark"] == "*"]
         if len(overall):
             out.append(Heading(3, "Across benchmarks"))
-            out.append(Items(overall["category"].iloc[0].capitalize(), list(overall["run"])))
+            out.append(Items(overall["category"].iloc[0].capitalize(),
+                             [name + _flag(result, rid) for name, rid in zip(overall["run"], overall["run_id"],
+                                                                             strict=True)]))
     return out
 
 
@@ -406,7 +432,7 @@ def _delta_blocks(result, bench, keys, dg: pd.DataFrame, lists, max_rows: int, d
     bnames = dict(zip(dg["run_id"], dg["baseline"], strict=True))
     rows = []
     for rid in run_order:
-        row = [_c(names[rid])] + ([_c(_s(bnames[rid]))] if per_family else [])
+        row = [_c(names[rid] + _flag(result, rid))] + ([_c(_s(bnames[rid]))] if per_family else [])
         for k in keys:
             hit = cells.get((rid, k))
             if hit is None:
@@ -429,7 +455,8 @@ def _delta_blocks(result, bench, keys, dg: pd.DataFrame, lists, max_rows: int, d
     if lists is not None and len(lists):
         lg = lists[lists["benchmark"] == bench]
         for cat in _category_order(lg["category"].unique()):
-            runs = list(lg.loc[lg["category"] == cat, "run"])
+            sel = lg[lg["category"] == cat]
+            runs = [name + _flag(result, rid) for name, rid in zip(sel["run"], sel["run_id"], strict=True)]
             more = f" — first {max_rows}" if len(runs) > max_rows else ""
             out.append(Items(f"{cat[0].upper()}{cat[1:]} ({len(runs)}){more}", runs[:max_rows]))
     return out

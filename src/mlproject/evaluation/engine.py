@@ -15,8 +15,10 @@ Metric names are the run conventions' (DESIGN.md): ``ppl/<dataset>``, ``nll/<dat
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from mlproject import distributed
@@ -43,7 +45,7 @@ class EvalPlan:
             "num_fewshot": self.num_fewshot if self.num_fewshot is not None else "task default",
             "batch_size": self.batch_size, "ppl_dataset": self.opts.ppl_dataset,
             "seqlen": self.opts.seqlen, "ppl_batch_size": self.opts.ppl_batch_size,
-            "ppl_windows": self.opts.ppl_windows or "all", "seed": self.opts.seed,
+            "ppl_windows": self.ppl_windows_setting, "seed": self.opts.seed,
             **self.code_params(),
         }
 
@@ -56,6 +58,41 @@ class EvalPlan:
         # not the pool size: it changes no number
         return {**{f"code.{k}": v for k, v in self.code.describe().items() if k != "workers"},
                 **{f"code.gate.{k}": v for k, v in gates_for(self.tasks).items()}}
+
+    @property
+    def ppl_windows_setting(self) -> str | int:
+        """``ppl_windows`` as logged: ``all``, ``N``, or ``auto (…)`` saying what auto follows."""
+        n = self.opts.ppl_windows
+        if n == 0:
+            return "all"
+        if n > 0:
+            return n
+        return "auto (all)" if self.limit is None else f"auto (limit {self.limit:g})"
+
+    def windows(self, available: int) -> int:
+        """How many of the text's ``available`` windows to score (see ``EvalOptions.ppl_windows``).
+        With ``ppl_windows=-1`` a quick run stays quick: ``limit`` shortens the PPL too."""
+        n = self.opts.ppl_windows
+        if n > 0:
+            return min(n, available)
+        if n == 0 or self.limit is None:
+            return available
+        if isinstance(self.limit, float):
+            return max(1, min(available, math.ceil(self.limit * available)))
+        return max(1, min(available, int(self.limit)))
+
+    def settings(self, out: "EvalOutcome | None" = None) -> dict[str, Any]:
+        """The evaluation settings a reader needs to compare two runs' numbers (run descriptions)."""
+        ppl = None
+        if self.ppl_name:
+            ppl = f"{self.opts.ppl_dataset}"
+            if out is not None and out.ppl:
+                res = out.ppl[0]
+                of = f" of {out.ppl_available}" if out.ppl_available > res.windows else ""
+                ppl += f", {res.windows}{of} windows × {res.seqlen} tokens"
+        return {"tasks": ",".join(self.tasks) or "none", "limit": self.limit if self.limit is not None else "all",
+                "num_fewshot": self.num_fewshot if self.num_fewshot is not None else "task default",
+                "lm-eval batch": self.batch_size if self.tasks else None, "PPL": ppl, "seed": self.opts.seed}
 
     @property
     def empty(self) -> bool:
@@ -90,6 +127,8 @@ class EvalOutcome:
     metrics: dict[str, float] = field(default_factory=dict)  # as logged, without prefix
     seconds: float = 0.0
     ppl_params: dict[str, Any] = field(default_factory=dict)
+    ppl_available: int = 0  # windows the text holds at this seqlen (ppl[0].windows of them scored)
+    ppl_rows: list[dict] = field(default_factory=list)  # the scored windows' text
 
     @property
     def avg_acc(self) -> float | None:
@@ -123,21 +162,24 @@ def measure(loaded, plan: EvalPlan, on_metrics: Callable[[dict[str, float]], Non
         ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
         ctx = perplexity.context_length(model) or plan.opts.seqlen
         seqlen = min(plan.opts.seqlen, ctx)
-        n_windows = max(1, ids.numel() // seqlen)
-        if plan.opts.ppl_windows:
-            n_windows = min(n_windows, plan.opts.ppl_windows)
+        available = max(1, ids.numel() // seqlen)
+        n_windows = plan.windows(available)
         # Under a distributed launch each rank scores its share of the windows; the sums meet.
         shard = (distributed.rank(), distributed.world_size())
-        with progress(f"perplexity ({plan.ppl_name})", -(-n_windows // shard[1])) as advance:
+        with progress(f"perplexity ({plan.ppl_name})", -(-n_windows // shard[1]), unit="windows") as advance:
             res = perplexity.perplexity(model, ids, seqlen, plan.opts.ppl_batch_size,
-                                        dataset=plan.ppl_name, on_batch=advance,
-                                        max_windows=plan.opts.ppl_windows, shard=shard,
+                                        dataset=plan.ppl_name, on_batch=advance, max_windows=n_windows,
+                                        shard=shard,
                                         reduce_sum=distributed.sum_over_ranks if distributed.active() else None)
         out.ppl.append(res)
+        out.ppl_available = available
         out.metrics[f"ppl/{res.dataset}"] = res.ppl
         out.metrics[f"nll/{res.dataset}"] = res.nll
         out.ppl_params = {"ppl.dataset": res.dataset, "ppl.seqlen": res.seqlen,
-                          "ppl.windows": res.windows, "ppl.tokens": res.tokens}
+                          "ppl.windows": res.windows, "ppl.windows_total": available, "ppl.tokens": res.tokens}
+        # What was scored, for the run's dataset inputs: the text of each window.
+        scored = perplexity.make_windows(ids, res.seqlen)[:res.windows]
+        out.ppl_rows = [{"window": i, "text": t} for i, t in enumerate(tok.batch_decode(scored))]
         on_metrics({f"ppl/{res.dataset}": res.ppl, f"nll/{res.dataset}": res.nll})
     if plan.tasks:
         hr = harness.run_tasks(
@@ -153,6 +195,75 @@ def measure(loaded, plan: EvalPlan, on_metrics: Callable[[dict[str, float]], Non
     out.metrics["eval_seconds"] = out.seconds
     on_metrics({"eval_seconds": out.seconds})
     return out
+
+
+def scored_datasets(plan: EvalPlan, out: EvalOutcome) -> list[dict[str, Any]]:
+    """What an evaluation scored, as dataset specs for ``tracking.Run.log_datasets`` (the runs
+    table's Dataset column): the PPL text's scored windows, and per requested task the documents
+    scored (``limit`` shows in the name: ``mlp_nonce (100 of 200 docs)``). Bundled tasks carry
+    their rows; hub tasks are named by their Hugging Face dataset, path and split."""
+    specs: list[dict[str, Any]] = []
+    if out.ppl:
+        res = out.ppl[0]
+        of = f" of {out.ppl_available}" if out.ppl_available > res.windows else ""
+        spec = plan.opts.ppl_dataset
+        source = ({"kind": "hf", "path": "wikitext", "config_name": "wikitext-2-raw-v1", "split": "test"}
+                  if spec == "wikitext2" else {"kind": "file", "path": str(perplexity.text_path(spec))})
+        specs.append({"name": f"ppl {res.dataset} ({res.windows}{of} × {res.seqlen} tokens)", "context": "evaluation",
+                      "source": source, "rows": out.ppl_rows or None,
+                      "tags": {"metrics": f"ppl/{res.dataset}, nll/{res.dataset}", "windows": f"{res.windows}{of}",
+                               "seqlen": res.seqlen}})
+    if out.harness is not None:
+        raw = out.harness.raw
+        configs, counts = raw.get("configs", {}), raw.get("n-samples", {})
+        for task in plan.tasks:
+            members = [task] if task in configs else list((raw.get("group_subtasks") or {}).get(task, []))
+            members = [m for m in members if m in configs]
+            if not members:
+                continue
+            n = sum(int((counts.get(m) or {}).get("effective", 0)) for m in members)
+            total = sum(int((counts.get(m) or {}).get("original", 0)) for m in members)
+            docs = f"{n} of {total} docs" if n < total else f"{total} docs"
+            name = f"{task} ({docs})" if len(members) == 1 else f"{task} ({len(members)} tasks, {docs})"
+            cfg = configs[members[0]]
+            split = cfg.get("test_split") or cfg.get("validation_split")
+            files = (cfg.get("dataset_kwargs") or {}).get("data_files") or {}
+            local = files.get(split) if isinstance(files, dict) else None
+            tags = {"limit": plan.limit if plan.limit is not None else "all", "documents": docs,
+                    "num_fewshot": cfg.get("num_fewshot", "task default"), "split": split}
+            if local and len(members) == 1 and Path(local).is_file():
+                rows = _first_rows(Path(local), n)
+                specs.append({"name": name, "context": "evaluation", "source": {"kind": "file", "path": local},
+                              "rows": rows, "tags": tags})
+            else:
+                specs.append({"name": name, "context": "evaluation", "digest": _digest(task, cfg, n),
+                              "source": {"kind": "hf", "path": cfg.get("dataset_path") or task,
+                                         "config_name": cfg.get("dataset_name"), "split": split},
+                              "tags": tags})
+    return specs
+
+
+def _first_rows(path: Path, n: int) -> list[dict]:
+    """The first ``n`` JSONL records (lm-eval's ``limit`` takes the first documents)."""
+    import json
+
+    rows = []
+    with path.open() as f:
+        for line in f:
+            if len(rows) >= n:
+                break
+            if line.strip():
+                rows.append({k: json.dumps(v) if isinstance(v, (dict, list)) else v
+                             for k, v in json.loads(line).items()})
+    return rows
+
+
+def _digest(task: str, cfg: dict, n: int) -> str:
+    import hashlib
+    import json
+
+    keep = {k: cfg.get(k) for k in ("dataset_path", "dataset_name", "test_split", "validation_split", "num_fewshot")}
+    return hashlib.sha256(json.dumps([task, keep, n], sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def model_metrics(model) -> dict[str, float]:
@@ -176,6 +287,10 @@ def evaluate_model(model: str, opts: EvalOptions | None = None, *, adapter: str 
     opts = opts or EvalOptions()
     plan = plan_eval(opts)
     ref = resolve(model)
+    if ref.kind in ("hub", "alias") and not ref.gguf:
+        from mlproject.models import hub
+
+        hub.check_model(ref.raw, ref.target)  # seconds, not minutes of retries
     if fetch is None:  # runs:/ and models:/ references (also inside a logged adapter's lineage)
         from mlproject.tracking import download as fetch
     device = loading.pick_device(device)

@@ -89,7 +89,7 @@ def validate_tasks(tasks: list[str]) -> None:
 
 def parse_limit(value: str | float | int | None) -> int | float | None:
     """'' / 0 / None -> all documents; '0.2' -> 20% of each task; '50' -> 50 documents."""
-    if value in (None, "", "none", 0, "0"):
+    if value in (None, "", "none", "all", 0, "0"):
         return None
     try:
         number = float(value)
@@ -152,6 +152,7 @@ def run_tasks(
 
     from mlproject import distributed
     from mlproject.evaluation.code.tasks import is_code_task
+    from mlproject.progress import route_tqdm
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     code_tasks = [t for t in tasks if is_code_task(t)]
@@ -161,19 +162,23 @@ def run_tasks(
         _data_parallel(lm)
     other = [t for t in tasks if t not in code_tasks]
     raw: dict = {}
-    if other:
-        raw = _run_lm_eval(lm, other, limit=limit, num_fewshot=num_fewshot, seed=seed,
-                           apply_chat_template=apply_chat_template)
     code_run = None
-    if code_tasks:
-        from mlproject.evaluation.code.lmeval import run_code_tasks
-        from mlproject.evaluation.code.scoring import CodeSettings
+    # lm-eval draws its own tqdm bars (building contexts, tokenizing, the request loops: most of
+    # an evaluation's time); routed, they show as our bars in a terminal and as log lines with
+    # an ETA elsewhere.
+    with route_tqdm(*LM_EVAL_TQDM_MODULES, prefix="lm-eval: ", default="building requests"):
+        if other:
+            raw = _run_lm_eval(lm, other, limit=limit, num_fewshot=num_fewshot, seed=seed,
+                               apply_chat_template=apply_chat_template)
+        if code_tasks:
+            from mlproject.evaluation.code.lmeval import run_code_tasks
+            from mlproject.evaluation.code.scoring import CodeSettings
 
-        code_run = run_code_tasks(lm, code_tasks, settings=code or CodeSettings(),
-                                  task_manager=task_manager_for(tasks), limit=limit,
-                                  num_fewshot=num_fewshot, seed=seed,
-                                  apply_chat_template=apply_chat_template)
-        raw = _merge(raw, serializable(code_run.raw))
+            code_run = run_code_tasks(lm, code_tasks, settings=code or CodeSettings(),
+                                      task_manager=task_manager_for(tasks), limit=limit,
+                                      num_fewshot=num_fewshot, seed=seed,
+                                      apply_chat_template=apply_chat_template)
+            raw = _merge(raw, serializable(code_run.raw))
     metrics = flatten_metrics(raw.get("results", {}))
     avg, chosen = mean_accuracy(raw.get("results", {}), tasks)
     return HarnessResult(raw=raw, metrics=metrics, avg_acc=avg, avg_metrics=chosen, code=code_run)
@@ -256,6 +261,11 @@ def _data_parallel(lm) -> None:
     log.info("lm-eval data-parallel: rank %d of %d", lm._rank, lm._world_size)
 
 
+#: Modules whose module-level ``tqdm`` lm-eval uses with HF models: api.task (building
+#: contexts), api.model (tokenizing), models.huggingface (loglikelihood / generate_until).
+LM_EVAL_TQDM_MODULES = ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface")
+
+
 def serializable(results: dict) -> dict:
     keep = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot",
             "higher_is_better", "n-samples", "config", "git_hash", "date", "total_evaluation_time_seconds",
@@ -276,12 +286,17 @@ def metric_name(task: str, key: str) -> str:
     return f"{task}/{metric}" if filt == "none" else f"{task}/{metric}.{filt}"
 
 
+#: Keys of lm-eval's per-task results that describe the run, not the model: ``sample_len`` is
+#: the number of documents scored (in ``n-samples`` and the logged datasets, not a metric).
+NOT_SCORES = frozenset({"alias", "name", "sample_len", "sample_count", "samples"})
+
+
 def flatten_metrics(task_results: dict[str, dict[str, Any]]) -> dict[str, float]:
     """Every numeric task/group metric, stderr included, under its MLflow name."""
     out: dict[str, float] = {}
     for task, values in task_results.items():
         for key, value in values.items():
-            if key == "alias" or isinstance(value, (str, bool)) or value is None:
+            if key in NOT_SCORES or isinstance(value, (str, bool)) or value is None:
                 continue
             try:
                 v = float(value)

@@ -49,11 +49,18 @@ def check_dataset(spec: str) -> str | None:
     )
 
 
-def load_text(spec: str) -> str:
+def text_path(spec: str) -> Path:
+    """The file behind a local PPL text (``offline``: the bundled one)."""
     if spec == "offline":
         import importlib.resources
 
-        return importlib.resources.files("mlproject.evaluation").joinpath("data/offline_ppl.txt").read_text()
+        return Path(str(importlib.resources.files("mlproject.evaluation").joinpath("data/offline_ppl.txt")))
+    return Path(spec).expanduser().resolve()
+
+
+def load_text(spec: str) -> str:
+    if spec == "offline":
+        return text_path(spec).read_text()
     if spec == "wikitext2":
         from datasets import load_dataset
 

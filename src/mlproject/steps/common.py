@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 from typing import Any
 
@@ -13,6 +14,7 @@ from mlproject.models.loading import LoadedModel
 from mlproject.models.reference import ModelRef
 
 T = tracking.TAG_PREFIX
+log = logging.getLogger(__name__)
 
 
 def run_name(step: str, explicit: str, ref: ModelRef) -> str:
@@ -43,9 +45,8 @@ def check_model_args(model: str, adapter: str, device: str, dtype: str):
     from mlproject.models.reference import resolve
 
     ref = resolve(model)
-    loading.check_hub(ref)  # an unknown or uncached hub id fails here, before any run exists
     if adapter:
-        loading.check_hub(loading.resolve_adapter(adapter), "adapter_config.json")
+        loading.resolve_adapter(adapter)
     device = loading.pick_device(device)
     return ref, device, loading.pick_dtype(dtype, device)
 
@@ -60,6 +61,59 @@ def check_launch(cfg: Any) -> None:
     if nproc > 1 and not distributed.active():
         raise UserError(f"nproc={nproc} needs a launcher: use `mlproject <step> --nproc {nproc}` or "
                         f"`mlflow run -P nproc={nproc}`, or start the whole command with torchrun")
+
+
+def check_model_sources(ref: ModelRef, adapter: str, device: str, torch_dtype: Any,
+                        pending: frozenset[str] = frozenset(), bytes_per_param: float | None = None,
+                        purpose: str = "load") -> None:
+    """Before a run opens (after ``check_tracking``): a model or adapter that must come from the
+    Hugging Face hub is cached or the hub answers (one line with advice, exit 2, otherwise), and a
+    warning when the weights will not fit in the memory available (``bytes_per_param`` overrides
+    the dtype's size, e.g. 4-bit loading or full fine-tuning's gradients and Adam states)."""
+    from mlproject.models import hub
+    from mlproject.models.loading import resolve_adapter
+
+    if ref.kind in ("hub", "alias") and not ref.gguf:
+        hub.check_model(ref.raw, ref.target)
+    if adapter:
+        aref = resolve_adapter(adapter)
+        if aref.kind == "hub":
+            hub.check_model(aref.raw, aref.target, what="adapter", filename="adapter_config.json")
+    if ref.run_id not in pending:
+        warn_memory(ref, device, torch_dtype, bytes_per_param, purpose)
+
+
+def warn_memory(ref: ModelRef, device: str, torch_dtype: Any, bytes_per_param: float | None = None,
+                purpose: str = "load") -> str | None:
+    """Log (and return) a warning when the model's weights exceed 90% of the memory available
+    on ``device``; None when they fit or the size is unknown."""
+    from mlproject.models import loading
+
+    n = loading.estimate_params(ref, fetch=tracking.download)
+    if not n:
+        return None
+    per = bytes_per_param or torch_dtype.itemsize
+    need = n * per
+    if device.startswith("cuda"):
+        import torch
+
+        available, where = torch.cuda.mem_get_info(torch.device(device))[0], f"free on {device}"
+    else:
+        import psutil
+
+        available, where = psutil.virtual_memory().available, "of RAM available"
+    if need <= 0.9 * available:
+        log.debug("%s: ~%.1f GiB needed, %.1f GiB %s", ref.raw, need / 2**30, available / 2**30, where)
+        return None
+    dtype = str(torch_dtype).removeprefix("torch.")
+    fixes = ([] if device.startswith("cuda") else ["a GPU (device=cuda)"]) \
+        + (["dtype=bfloat16"] if per >= 4 else []) + ["a smaller model (model=smollm2)"]
+    use = f"{', '.join(fixes[:-1])} or {fixes[-1]}" if len(fixes) > 1 else fixes[0]
+    msg = (f"{ref.raw} has ~{n / 1e9:.2f} B parameters: to {purpose} it takes ~{need / 2**30:.1f} GiB "
+           f"({per:g} bytes per parameter, {dtype}), but only {available / 2**30:.1f} GiB {where}; it may swap "
+           f"or be killed. Use {use}.")
+    log.warning("%s", msg)
+    return msg
 
 
 def check_tracking(tracking_uri: str, ref: ModelRef, adapter: str = "", parent: Any = None,

@@ -138,6 +138,10 @@ class CurveLogger:
         self.last_step = 0
 
     def __call__(self, values: dict[str, float], step: int) -> None:
+        if not self.rows:
+            # the clock starts with the oldest unsent point, not at construction: building the
+            # trainer (tokenizing the data) must not force a flush of the very first step
+            self.last_flush = time.monotonic()
         self.rows.append((step, {f"train/{k}": v for k, v in values.items()}, int(time.time() * 1000)))
         if len(self.rows) >= self.every or time.monotonic() - self.last_flush >= self.seconds:
             self.flush()
@@ -256,6 +260,11 @@ def check(cfg: FinetuneStepConfig, parent: tracking.Run | None = None, pending: 
         if importlib.util.find_spec("bitsandbytes") is None:
             raise UserError("finetuning=qlora needs bitsandbytes: pip install bitsandbytes")
     common.check_tracking(cfg.tracking_uri, ref, cfg.adapter, parent=parent, pending=pending)
+    if cfg.finetuning == "full":  # weights, gradients and two Adam moments
+        per, purpose = 4 * dtype.itemsize, "fine-tune every weight (weights, gradients, Adam states)"
+    else:
+        per, purpose = (0.5 if cfg.finetuning == "qlora" else None), "load"
+    common.check_model_sources(ref, cfg.adapter, device, dtype, pending, bytes_per_param=per, purpose=purpose)
     return ref, spec, plan, device, dtype
 
 
@@ -311,6 +320,7 @@ def _run_in(run: tracking.Run, cfg: FinetuneStepConfig, ref: ModelRef, plan: ev.
     else:
         distributed.on_main(_prepare_fresh_dir, out_dir, run.run_id, clear=not cfg.resume)
     run.log_params(params)
+    run.log_datasets([tdata.input_spec(cfg.dataset_spec, data)])
     evaluating_before = cfg.eval_before and not before and (plan.tasks or plan.ppl_name)
 
     quantized = cfg.finetuning == "qlora"
@@ -372,19 +382,30 @@ def _run_in(run: tracking.Run, cfg: FinetuneStepConfig, ref: ModelRef, plan: ev.
     four_bit = is_4bit(result.model)
     lineage = {"base_model": loaded.base_model, "family": loaded.family, "instruct": loaded.instruct,
                "run_id": run.run_id, "method": cfg.method, "source": cfg.model}
+    from mlproject.steps._compression import model_tags, source_model
+
+    base_ref = base_reference(ref, loaded, continued)
+    tags = {**model_tags(loaded, "finetune", cfg.model), f"{T}method": cfg.method, f"{T}finetuning": cfg.finetuning}
     with tempfile.TemporaryDirectory(prefix="mlproject-finetune-") as tmp:
         # Every rank holds the same trained weights (DDP); only the run's owner writes them.
         saved = save_output(result.model, loaded.tokenizer, tmp, merge=cfg.merge, write=run.records)
+        # Each folder becomes an MLflow model of the run (transformers flavor; an adapter as the
+        # flavor's PEFT adapter on its base), fetched as runs:/<run_id>/model (and /adapter).
+        adapter_flavor = None
         if saved.adapter_dir is not None:
-            loading.write_meta(saved.adapter_dir, kind="adapter", base=base_reference(ref, loaded, continued),
+            loading.write_meta(saved.adapter_dir, kind="adapter", base=base_ref,
                                quantization="nf4" if four_bit else None, **lineage)
+            adapter_flavor = loading.mlflow_flavor(result.model, loaded.tokenizer, saved.adapter_dir,
+                                                   source=source_model(loaded),
+                                                   base_path=loading.mlflow_base_path(base_ref))
         if saved.model_dir is not None:
             loading.write_meta(saved.model_dir, kind="full", merged=saved.adapter_dir is not None, **lineage)
-            run.log_artifacts(saved.model_dir, "model")
+            flavor = loading.mlflow_flavor(saved.model, loaded.tokenizer, saved.model_dir, source=source_model(loaded))
+            run.log_model_dir(saved.model_dir, "model", flavor=flavor, tags=tags)
             if saved.adapter_dir is not None:
-                run.log_artifacts(saved.adapter_dir, "adapter")
-        else:
-            run.log_artifacts(saved.adapter_dir, "model")
+                run.log_model_dir(saved.adapter_dir, "adapter", flavor=adapter_flavor, tags=tags)
+        elif saved.adapter_dir is not None:  # (neither on the other ranks of a launch: nothing written)
+            run.log_model_dir(saved.adapter_dir, "model", flavor=adapter_flavor, tags={**tags, f"{T}base": base_ref})
     final = saved.model
     final.eval()  # the trainer leaves it in train mode (LoRA dropout on)
 
@@ -408,6 +429,13 @@ def _run_in(run: tracking.Run, cfg: FinetuneStepConfig, ref: ModelRef, plan: ev.
                    {**system, **{k: v for k, v in summary.items() if not k.startswith("train/")}},
                    extra_sections=_report_sections(cfg, result, before, outcome, params))
     run.log_text(md, "report.md")
+    loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
+    ev.describe(run, f"finetune · {cfg.model} · {cfg.method} {cfg.finetuning}, {step} steps{loss}", plan, outcome,
+                {**outcome.metrics, **system, "train_seconds": result.train_seconds}, before=before or None,
+                evaluated=bool(outcome.metrics),
+                settings={"data": f"{params['dataset']} ({params['dataset_rows']} rows)", "lr": cfg.lr,
+                          "train batch": cfg.train_batch_size, "device": device},
+                notes=("Not evaluated after training (eval_after=false)." if not outcome.metrics else "",))
     return StepResult(step="finetune", run_id=run.run_id, model_uri=run.model_uri(), metrics=metrics, key=key,
                       details={"global_step": step, "final_loss": result.final_loss, "output_dir": str(out_dir)},
                       model=final)

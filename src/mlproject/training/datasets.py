@@ -102,6 +102,17 @@ def resolve_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return spec, {"split": "train"}
 
 
+def input_spec(spec: str, data: "datasets.Dataset") -> dict[str, Any]:
+    """The training data as a dataset spec for the run's inputs (``tracking.Run.log_datasets``)."""
+    path, kwargs = resolve_spec(spec)
+    files = kwargs.get("data_files")
+    source = ({"kind": "file", "path": files} if files else
+              {"kind": "file", "path": path} if Path(path).is_dir() else
+              {"kind": "hf", "path": path, "split": kwargs.get("split")})
+    return {"name": f"{spec} ({len(data):,} rows)", "context": "training", "source": source,
+            "rows": data.to_list(), "tags": {"rows": len(data), "columns": ",".join(data.column_names)}}
+
+
 def load_training_data(spec: str, method: str) -> "datasets.Dataset":
     """Load ``spec`` (see module doc), check it fits ``method`` and normalise it.
 

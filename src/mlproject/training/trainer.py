@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 from mlproject import distributed
 from mlproject.errors import UserError
 from mlproject.training.adapters import count_parameters, is_4bit, prepare_model
-from mlproject.training.callbacks import LogForwarder, MemorySampler, NonFiniteGuard, OnLog, TrainingDiverged
+from mlproject.training.callbacks import (LogForwarder, MemorySampler, NonFiniteGuard, OnLog, ProgressCallback,
+                                          TrainingDiverged)
 from mlproject.training.datasets import normalize, to_trl_format
 
 if TYPE_CHECKING:
@@ -208,13 +209,14 @@ def train(
     forwarder = LogForwarder(on_log, skip_through=max(ckpt_step, int(skip_logged_through)))
     guard = NonFiniteGuard()
     memory = MemorySampler()
+    bar = ProgressCallback(f"training ({cfg.method}, {cfg.finetuning})")
     trainer_cls = SFTTrainer if cfg.method == "sft" else DPOTrainer
     trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=train_dataset,
         processing_class=tokenizer,
-        callbacks=[forwarder, guard, memory, *(callbacks or [])],
+        callbacks=[forwarder, guard, memory, bar, *(callbacks or [])],
     )
     # With disable_tqdm transformers installs PrinterCallback, which prints every log dict.
     trainer.remove_callback(PrinterCallback)
@@ -225,7 +227,10 @@ def train(
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt is not None else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt is not None else None)
+    finally:
+        bar.close()  # a crash skips on_train_end
     seconds = time.perf_counter() - start
 
     _drop_reference_adapter(trained)
