@@ -45,27 +45,44 @@ def test_uncached_hub_id_offline_fails_before_any_run(mlflow_uri, capsys, monkey
     assert mlflow_client(mlflow_uri).get_experiment_by_name("hub-offline") is None
 
 
-def test_unknown_hub_id_online_fails_before_any_run(mlflow_uri, capsys, monkeypatch):
-    from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import RepositoryNotFoundError
+def test_unknown_hub_id_online_fails_before_any_run(mlflow_uri, capsys, monkeypatch, tmp_path):
+    """A reachable hub that does not know the id: one line, no run, no experiment. The "hub" is a
+    real HTTP server on localhost answering 404 the way huggingface.co does for a missing repo."""
+    import http.server
+    import threading
+
+    import huggingface_hub.constants as hub_constants
 
     asked = []
 
-    def model_info(self, repo_id, **kwargs):
-        import requests
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            asked.append(self.path)
+            self.send_response(200 if self.path == "/" else 404)
+            if self.path != "/":
+                self.send_header("X-Error-Code", "RepoNotFound")
+                self.send_header("X-Error-Message", "Repository not found")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
 
-        asked.append(repo_id)
-        response = requests.Response()
-        response.status_code, response.url = 404, f"https://huggingface.co/api/models/{repo_id}"
-        response.request = requests.Request("GET", response.url).prepare()
-        raise RepositoryNotFoundError(f"404 Client Error: Repository Not Found for url: {response.url}",
-                                      response=response)
+        do_HEAD = do_GET = _answer
 
-    monkeypatch.setattr(constants, "is_offline_mode", lambda: False)
-    monkeypatch.setattr(HfApi, "model_info", model_info)
-    assert_bad_input(["evaluate", "--model", "nosuchorg/nosuchmodel"], "not found on the Hugging Face hub",
-                     mlflow_uri, "hub-online", capsys, monkeypatch)
-    assert asked == ["nosuchorg/nosuchmodel"]
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
+        monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+        assert_bad_input(["evaluate", "--model", "nosuchorg/nosuchmodel"], "no such repository",
+                         mlflow_uri, "hub-online", capsys, monkeypatch)
+    finally:
+        server.shutdown()
+    assert any("nosuchorg/nosuchmodel" in path for path in asked)  # the hub was asked, once reachable
     assert mlflow_client(mlflow_uri).get_experiment_by_name("hub-online") is None
 
 

@@ -14,7 +14,12 @@ from typing import Any, Mapping
 SECRET_KEY = re.compile(r"(token(?![a-z])|passw|secret|api[_-]?key|credential|auth(?![a-z]))", re.I)
 _URI_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][\w+.\-]*://)(?P<userinfo>[^/@\s]+)@")
 _TOKEN_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{16,}|sk-[A-Za-z0-9\-_]{16,}|ghp_[A-Za-z0-9]{16,}|AKIA[0-9A-Z]{16})\b")
-_QUERY_SECRET = re.compile(r"([?&](?:[\w\-]*(?:token|password|secret|key|signature|credential)|sig)=)[^&\s]+", re.I)
+# A query argument that carries a secret: *token*, *password*, *secret*, *signature*, *credential*,
+# sig, and key / api_key / apikey / x-api-key / access_key (a "key" after a separator or alone,
+# not any name ending in "key": MLflow's viewStateShareKey is a view id, not a credential).
+_QUERY_SECRET = re.compile(
+    r"([?&](?:[\w\-]*(?:token|password|secret|signature|credential)|(?:[\w\-]*[_\-])?(?:api)?key|sig)=)[^&\s]+",
+    re.I)
 
 
 def redact(text: Any) -> str:

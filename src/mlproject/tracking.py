@@ -366,6 +366,9 @@ class Run:
         self.spool: Spool | None = None
         self._params: dict[str, str] | None = None  # params the run holds, as far as we know
         self._heartbeat: _Heartbeat | None = None
+        # MLflow LoggedModels this run produced, by name ("model", "adapter"); metrics logged
+        # after the "model" exists are linked to it (the experiment's Models tab shows them).
+        self.model_ids: dict[str, str] = {}
 
     # -- delivery ---------------------------------------------------------------------------
     def _deliver(self, op: str, send: Callable[[], Any], original: str | Path | None = None, **fields: Any) -> bool:
@@ -396,9 +399,6 @@ class Run:
                         _first_line(exc))
             self.spool = None
         return self.spool
-        # MLflow LoggedModels this run produced, by name ("model", "adapter"); metrics logged
-        # after the "model" exists are linked to it (the experiment's Models tab shows them).
-        self.model_ids: dict[str, str] = {}
 
     # -- params, tags, metrics -------------------------------------------------------
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -600,6 +600,7 @@ class NullRun(Run):
 
     def __init__(self, run_id: str, experiment_id: str):  # noqa: D107 - no client: never talks to MLflow
         self.run_id, self.experiment_id, self.env = run_id, experiment_id, None
+        self.model_ids: dict[str, str] = {}
 
     def log_params(self, params):
         pass
@@ -1343,12 +1344,19 @@ def register_model(run_id: str, name: str, alias: str | None = None, path: str =
 
 
 def where_to_look(run_id: str, experiment_id: str | None = None, report: str = "report.md") -> str:
-    """Two lines that end a command: where the run's report is and how to open the run in the UI."""
+    """Two lines that end a command: where the run's report is and how to open the run in the UI.
+    A hint, never an error: with the server gone (results in the spool) it asks nothing."""
     import mlflow
 
     uri = mlflow.get_tracking_uri()
+    if _LINK.offline or _LINK.down_since is not None:
+        return f"Run {run_id}: the tracking server {redact(uri)} is not answering; see it there once it is back"
     if experiment_id is None:
-        experiment_id = run_experiment_id(run_id)
+        try:
+            with _fail_fast(3):
+                experiment_id = run_experiment_id(run_id)
+        except Exception:  # noqa: BLE001 - a hint, never an error
+            return f"Run {run_id} on {redact(uri)}"
     page = f"#/experiments/{experiment_id}/runs/{run_id}"
     table = ""
     with contextlib.suppress(Exception):
@@ -1582,7 +1590,7 @@ def record_refusal(step: str, message: str) -> None:
                                            RunTag(f"{TAG_PREFIX}step", step),
                                            RunTag(ERROR_TAG, redact(message)[:_MAX_TAG_LEN]),
                                            RunTag("mlflow.note.content",
-                                                  redact(f"**Refused before it started:** {message}"))],
+                                                  redact(f"**Failed before it started:** {message}"))],
                              synchronous=True)
             client.set_terminated(run_id, "FAILED")
     except Exception as exc:  # the tracking server may be what was refused
