@@ -12,6 +12,9 @@ library only, so the output is byte-for-byte reproducible on any Python >= 3.9:
       (defined in scripts/code_problems.py; scored by mlproject's sandbox)
   src/mlproject/training/data/{sft,dpo}_<task>.jsonl
       fine-tuning sets, disjoint from the test and validation documents
+  src/mlproject/training/data/sft_text.jsonl
+      plain-text rows (language modelling) from the PPL text's generator with other random
+      draws: recovery data for compressed models, held out from offline_ppl.txt
   src/mlproject/evaluation/data/offline_ppl.txt
       English prose for perplexity
 
@@ -791,9 +794,8 @@ def ppl_calendar(r: random.Random) -> list[str]:
     return paras
 
 
-def make_ppl_text() -> str:
-    r = rng("ppl")
-    sections = [
+def ppl_sections(r: random.Random) -> list[tuple[str, list[str]]]:
+    return [
         ("Countries and capitals", ppl_geography(r)),
         ("A day in town", ppl_stories(r, 65)),
         ("Numbers", ppl_numbers(r)),
@@ -802,11 +804,24 @@ def make_ppl_text() -> str:
         ("The calendar", ppl_calendar(r)),
         ("More days in town", ppl_stories(r, 60)),
     ]
+
+
+def make_ppl_text() -> str:
     out = []
-    for title, paras in sections:
+    for title, paras in ppl_sections(rng("ppl")):
         out.append(title)
         out.extend(paras)
     return "\n\n".join(out) + "\n"
+
+
+def make_text_rows(ppl_text: str) -> list[dict]:
+    """Recovery data: the PPL text's generator with another seed, one paragraph a row, without
+    any paragraph that also occurs in the PPL text (the templates are shared, the draws are not)."""
+    seen = set(ppl_text.split("\n\n"))
+    rows = []
+    for _title, paras in ppl_sections(rng("ppl-train")):
+        rows += [{"text": p} for p in paras if p not in seen]
+    return rows
 
 
 # --------------------------------------------------------------------------------------------
@@ -880,6 +895,7 @@ def build() -> dict[str, str]:
         files[f"{TRAIN_DATA_DIR}/sft_{task}.jsonl"] = jsonl(sft_rows(docs))
         files[f"{TRAIN_DATA_DIR}/dpo_{task}.jsonl"] = jsonl(dpo_rows(docs, rng(f"dpo/{task}")))
     files[f"{EVAL_DATA_DIR}/offline_ppl.txt"] = make_ppl_text()
+    files[f"{TRAIN_DATA_DIR}/sft_text.jsonl"] = jsonl(make_text_rows(files[f"{EVAL_DATA_DIR}/offline_ppl.txt"]))
     code_docs = code_problems().documents(rng)
     files[f"{TASKS_DIR}/{CODE_TASK}/test.jsonl"] = jsonl(code_docs)
     files[f"{TASKS_DIR}/{CODE_TASK}/{CODE_TASK}.yaml"] = code_task_yaml(len(code_docs))

@@ -103,6 +103,8 @@ def test_finetuning_sets_are_disjoint_from_evaluation():
     sets = offline_datasets()
     assert set(sets) >= {"sft_mlp_nonce", "dpo_mlp_nonce", "sft_mlp_arith", "dpo_mlp_arith"}
     for name, path in sets.items():
+        if name == "sft_text":
+            continue  # plain text, not a task's prompts: test_text_set_is_held_out_from_the_ppl_text
         kind, task = name.split("_", 1)
         rows = load_jsonl(path)
         assert task in OFFLINE_TASKS and len(rows) >= 100, name
@@ -121,6 +123,15 @@ def test_finetuning_sets_are_disjoint_from_evaluation():
     assert not train_words & eval_words
     dpo = {r["prompt"]: r for r in load_jsonl(sets["dpo_mlp_nonce"])}
     assert all(dpo[r["prompt"]]["chosen"] == r["completion"] for r in nonce)
+
+
+def test_text_set_is_held_out_from_the_ppl_text():
+    rows = load_jsonl(offline_datasets()["sft_text"])
+    assert len(rows) >= 300 and all(set(r) == {"text"} and r["text"].strip() for r in rows)
+    ppl_paragraphs = set(PPL_TEXT.read_text(encoding="utf-8").split("\n\n"))
+    texts = [r["text"] for r in rows]
+    assert not set(texts) & ppl_paragraphs  # same generator, other draws, overlaps dropped
+    assert len(set(texts)) / len(texts) > 0.9
 
 
 def test_ppl_text_is_long_prose():
