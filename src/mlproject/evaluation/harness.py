@@ -121,6 +121,8 @@ class HarnessResult:
     metrics: dict[str, float]  # <task>/<metric> -> value, stderr included
     avg_acc: float | None
     avg_metrics: dict[str, str]  # task -> metric key used for avg_acc
+    # with log_samples: {task: [{"doc_id": i, "filter": f, <metric>: per-document value, …}]}
+    samples: dict[str, list[dict[str, Any]]] | None = None
 
 
 def run_tasks(
@@ -133,8 +135,13 @@ def run_tasks(
     batch_size: int | str = 8,
     seed: int = 42,
     apply_chat_template: bool = False,
+    samples: dict[str, list[int]] | None = None,
+    log_samples: bool = False,
 ) -> HarnessResult:
-    """Run lm-eval on an already loaded model (loaded once, shared with PPL)."""
+    """Run lm-eval on an already loaded model (loaded once, shared with PPL).
+
+    ``samples``: explicit document indices per (leaf) task instead of ``limit`` (the search
+    scores nested random subsets); ``log_samples``: keep each document's metric values."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -144,8 +151,9 @@ def run_tasks(
         tasks=tasks,
         num_fewshot=num_fewshot,
         limit=limit,
+        samples=samples,
         task_manager=task_manager_for(tasks),
-        log_samples=False,
+        log_samples=log_samples,
         # Never share lm-eval's request cache: its key omits the model identity.
         use_cache=None,
         cache_requests=False,
@@ -158,7 +166,21 @@ def run_tasks(
     raw = serializable(dict(results))
     metrics = flatten_metrics(raw.get("results", {}))
     avg, chosen = mean_accuracy(raw.get("results", {}), tasks)
-    return HarnessResult(raw=raw, metrics=metrics, avg_acc=avg, avg_metrics=chosen)
+    per_doc = None
+    if log_samples:
+        per_doc = {task: [_numeric_sample(s) for s in rows] for task, rows in (results.get("samples") or {}).items()}
+    return HarnessResult(raw=raw, metrics=metrics, avg_acc=avg, avg_metrics=chosen, samples=per_doc)
+
+
+def _numeric_sample(sample: dict) -> dict[str, Any]:
+    """A logged sample reduced to its document id, filter and numeric per-document metric values."""
+    out: dict[str, Any] = {"doc_id": int(sample["doc_id"]), "filter": str(sample.get("filter") or "none")}
+    for key, value in sample.items():
+        if key in ("doc_id", "filter", "doc", "arguments", "resps", "filtered_resps", "target", "metrics") or key.endswith("_hash"):
+            continue
+        if isinstance(value, (int, float)):  # bools too: some tasks log correctness as True/False
+            out[key] = float(value)
+    return out
 
 
 def serializable(results: dict) -> dict:

@@ -30,7 +30,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from mlproject import tracking
 from mlproject.config import PipelineConfig
@@ -173,9 +173,15 @@ def run(cfg: PipelineConfig, parent: tracking.Run | None = None) -> StepResult:
 
 
 def execute(the_plan: Plan, *, cfg: PipelineConfig | None = None, parent: tracking.Run | None = None,
-            run_name: str | None = None, tags: dict | None = None) -> StepResult:
+            run_name: str | None = None, tags: dict | None = None,
+            on_start: Callable[[tracking.Run], None] | None = None,
+            finish: Callable[[tracking.Run, dict[str, StepResult]], dict | None] | None = None) -> StepResult:
     """Run a checked plan under a new parent run (a child of ``parent`` when given: a search
-    trial is a pipeline nested in the study run)."""
+    trial is a pipeline nested in the study run).
+
+    ``on_start(run)`` is called once the pipeline run exists (a search trial records its run id);
+    ``finish(run, results)`` after the last step, inside the run (a search trial scores the
+    target's model there): what it returns is ``details["finish"]``, what it raises fails the run."""
     pipe = the_plan.pipe
     start = time.perf_counter()
     params = {"pipeline": pipe.path, "set": " ".join(pipe.overrides) or "none",
@@ -186,6 +192,8 @@ def execute(the_plan: Plan, *, cfg: PipelineConfig | None = None, parent: tracki
     with tracking.step_run("pipeline", experiment=the_plan.experiment, run_name=run_name or f"pipeline:{pipe.name}",
                            tags={f"{T}pipeline": pipe.name, **(tags or {})}, parent=parent) as prun:
         prun.log_params(params)
+        if on_start is not None:
+            on_start(prun)
         outputs: dict[str, dict[str, str]] = {}
         for name in the_plan.order:
             planned = the_plan.steps[name]
@@ -206,10 +214,11 @@ def execute(the_plan: Plan, *, cfg: PipelineConfig | None = None, parent: tracki
                           "pipeline/seconds": seconds})
         text = _log_report(prun, the_plan, results)
         prun.log_text(_resolved_yaml(pipe, outputs), "pipeline.yaml")
+        finished = finish(prun, results) if finish is not None else None
         return StepResult(step="pipeline", run_id=prun.run_id, text=text + _ui_hint(prun),
                           metrics={"pipeline/steps_run": ran, "pipeline/steps_reused": len(results) - ran,
                                    "pipeline/seconds": seconds},
-                          details={"steps": results})
+                          details={"steps": results, "finish": finished})
 
 
 def _run_one(prun: tracking.Run, planned: PlannedStep, cfg: Any) -> StepResult:
