@@ -344,6 +344,8 @@ class SearchConfig(RunOptions):
                          "postgresql://user@host/db for many machines) or journal:<file> (Optuna's journal file)")
     workers: int = param(1, "local worker processes sharing the study; each runs trials until it holds n_trials")
     seed: int = param(-1, "sampler seed; -1 = the space's")
+    objectives: str = param("", "objectives instead of the space's: best_acc, best_ppl, or best_acc,best_ppl "
+                            "(a Pareto study, no pruner); the default study name then ends in them")
     pruner: str = param("", "pruner: none, wilcoxon, successive_halving, hyperband, median, percentile, threshold "
                         "(its defaults); empty = the space's")
     heartbeat: int = param(30, "RDB storage: seconds between a running trial's heartbeats; a trial silent for twice "

@@ -136,6 +136,7 @@ class Space:
     raw: dict[str, Any]
     pipe: pspec.Pipeline  # the pipeline with the space's overrides (no trial values)
     steps: list[str] = field(default_factory=list)  # what a trial runs: the target and its upstream steps
+    objectives_changed: bool = False  # --objectives differ from the file's
 
     # -- derived ---------------------------------------------------------------------
     @property
@@ -268,7 +269,9 @@ def model_label(model: str) -> str:
 
 
 def study_name(space: Space) -> str:
-    return _NAME.sub("-", f"{space.name}-{model_label(space.model)}").strip("-")
+    """``<space name>-<model>``, plus the objectives when --objectives changed the file's."""
+    suffix = "-" + "-".join(o.name for o in space.objectives) if space.objectives_changed else ""
+    return _NAME.sub("-", f"{space.name}-{model_label(space.model)}{suffix}").strip("-")
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -287,7 +290,7 @@ def resolve_path(path: str) -> Path:
 
 
 def load(path: str, overrides: str | list[str] = "", model: str = "", n_trials: int = 0, seed: int | None = None,
-         pruner: str = "") -> Space:
+         pruner: str = "", objectives: str = "") -> Space:
     """Read and check a space file's structure (values are checked by :func:`check`)."""
     import yaml
 
@@ -298,11 +301,12 @@ def load(path: str, overrides: str | list[str] = "", model: str = "", n_trials: 
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise UserError(f"space {p}{where}: malformed YAML ({getattr(exc, 'problem', exc)})") from None
-    return parse(raw, str(p), overrides, model=model, n_trials=n_trials, seed=seed, pruner=pruner)
+    return parse(raw, str(p), overrides, model=model, n_trials=n_trials, seed=seed, pruner=pruner,
+                 objectives=objectives)
 
 
 def parse(raw: Any, path: str = "<space>", overrides: str | list[str] = "", *, model: str = "", n_trials: int = 0,
-          seed: int | None = None, pruner: str = "") -> Space:
+          seed: int | None = None, pruner: str = "", objectives: str = "") -> Space:
     where = f"space {path}"
     if not isinstance(raw, dict):
         raise UserError(f"{where}: expected a mapping with {', '.join(TOP_LEVEL)}")
@@ -341,18 +345,24 @@ def parse(raw: Any, path: str = "<space>", overrides: str | list[str] = "", *, m
         raise UserError(f"{where}: 'params' must map <step>.<parameter> to a distribution")
     params = {str(name): _param(str(name), spec, pipe, steps, where) for name, spec in params_raw.items()}
 
-    objectives_raw = raw.get("objectives") or ["best_acc"]
+    objectives_raw = objectives or raw.get("objectives") or ["best_acc"]
     if isinstance(objectives_raw, str):
-        objectives_raw = [s.strip() for s in objectives_raw.split(",") if s.strip()]
-    objectives = []
+        objectives_raw = [x.strip() for x in objectives_raw.split(",") if x.strip()]
+    if not isinstance(objectives_raw, list):
+        raise UserError(f"{where}: objectives is a list: [best_acc], [best_ppl] or [best_acc, best_ppl]")
+    chosen = []
     for name in objectives_raw:
         if name not in OBJECTIVES:
             raise UserError(f"{where}: objective {name!r} is not one of: {', '.join(OBJECTIVES)}")
-        if name in [o.name for o in objectives]:
+        if name in [o.name for o in chosen]:
             raise UserError(f"{where}: objective {name!r} is listed twice")
         # best_ppl's metric names the target's PPL dataset: set by check()
-        objectives.append(Objective(name=name, direction=OBJECTIVES[name],
-                                    metric="avg_acc" if name == "best_acc" else "ppl"))
+        chosen.append(Objective(name=name, direction=OBJECTIVES[name],
+                                metric="avg_acc" if name == "best_acc" else "ppl"))
+    in_file = raw.get("objectives") or ["best_acc"]
+    in_file = [x.strip() for x in in_file.split(",")] if isinstance(in_file, str) else list(in_file)
+    objectives_changed = bool(objectives) and [o.name for o in chosen] != in_file
+    objectives = chosen
 
     try:
         n = int(n_trials or raw.get("n_trials") or 20)
@@ -366,7 +376,9 @@ def parse(raw: Any, path: str = "<space>", overrides: str | list[str] = "", *, m
     if seed is not None and seed >= 0:
         sampler["seed"] = seed
     pareto = len(objectives) > 1
-    pruner_spec = _mapping(raw.get("pruner") or {"type": "none" if pareto else "wilcoxon"}, "pruner", where)
+    # the file's pruner is for its own objectives; other objectives get the default for their count
+    default_pruner = {"type": "none" if pareto else "wilcoxon"}
+    pruner_spec = _mapping((None if objectives_changed else raw.get("pruner")) or default_pruner, "pruner", where)
     pruner_spec.setdefault("type", "none")
     if pruner:
         pruner_spec = {"type": pruner}
@@ -392,6 +404,7 @@ def parse(raw: Any, path: str = "<space>", overrides: str | list[str] = "", *, m
 
     space = Space(path=path, name=str(raw.get("name") or Path(path).stem), description=str(raw.get("description") or ""),
                   pipeline=pipeline, overrides=all_sets, target=target, params=params, objectives=objectives,
+                  objectives_changed=objectives_changed,
                   n_trials=n, sampler=sampler, pruner=pruner_spec, levels=levels, fidelity_seed=fseed, raw=raw,
                   pipe=pipe, steps=steps)
     space.sampler_object()  # bad sampler / pruner arguments fail here

@@ -212,7 +212,8 @@ def open_study(storage, name: str, space: space_mod.Space, create: bool = True):
 # ----------------------------------------------------------------------------- the run
 def run(cfg: SearchConfig, parent: tracking.Run | None = None) -> StepResult:
     space = space_mod.load(cfg.space, cfg.set, model=cfg.model, n_trials=cfg.n_trials,
-                           seed=cfg.seed if cfg.seed >= 0 else None, pruner=cfg.pruner)
+                           seed=cfg.seed if cfg.seed >= 0 else None, pruner=cfg.pruner,
+                           objectives=cfg.objectives)
     if parent is None:
         tracking.check_server(cfg.tracking_uri or None)
     name = cfg.study or space_mod.study_name(space)
@@ -370,7 +371,8 @@ def worker_main() -> None:
     ctx = Context(cfg=cfg, study_name=data["study_name"], experiment_id=data["experiment_id"],
                   study_run_id=data["study_run_id"])
     space = space_mod.load(cfg.space, cfg.set, model=cfg.model, n_trials=cfg.n_trials,
-                           seed=cfg.seed if cfg.seed >= 0 else None, pruner=cfg.pruner)
+                           seed=cfg.seed if cfg.seed >= 0 else None, pruner=cfg.pruner,
+                           objectives=cfg.objectives)
     storage = open_storage(cfg.storage, cfg.heartbeat, cfg.max_retry)
     study, _ = open_study(storage, ctx.study_name, space, create=False)
     Worker(ctx, space=space, study=study).loop()
