@@ -150,6 +150,26 @@ class Run:
         for i in range(0, len(items), 1000):
             self.client.log_batch(self.run_id, metrics=items[i:i + 1000], synchronous=True)
 
+    def log_metrics_and_tags(self, metrics: Mapping[str, float], tags: Mapping[str, Any], step: int = 0) -> None:
+        """Metrics and tags in one request (a search trial's result: fewer round trips per trial)."""
+        import time
+
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        items = []
+        for name, value in metrics.items():
+            try:
+                items.append(Metric(metric_key(name), float(value), now, int(step)))
+            except (TypeError, ValueError):
+                continue
+        tag_items = [RunTag(k, v) for k, v in clean_mapping(tags, _MAX_TAG_LEN).items()]
+        if len(items) > 1000 or len(tag_items) > 100:
+            self.set_tags(tags)
+            self.log_metrics(metrics, step=step)
+            return
+        self.client.log_batch(self.run_id, metrics=items, tags=tag_items, synchronous=True)
+
     def delete_tag(self, key: str) -> None:
         with contextlib.suppress(Exception):  # absent tag
             self.client.delete_tag(self.run_id, key)

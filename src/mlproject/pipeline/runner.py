@@ -173,12 +173,13 @@ def run(cfg: PipelineConfig, parent: tracking.Run | None = None) -> StepResult:
 
 
 def execute(the_plan: Plan, *, cfg: PipelineConfig | None = None, parent: tracking.Run | None = None,
-            run_name: str | None = None, tags: dict | None = None,
+            run_name: str | None = None, tags: dict | None = None, extra_params: dict | None = None,
             on_start: Callable[[tracking.Run], None] | None = None,
             finish: Callable[[tracking.Run, dict[str, StepResult]], dict | None] | None = None) -> StepResult:
     """Run a checked plan under a new parent run (a child of ``parent`` when given: a search
     trial is a pipeline nested in the study run).
 
+    ``extra_params`` are logged with the pipeline's own (a search trial's sampled values);
     ``on_start(run)`` is called once the pipeline run exists (a search trial records its run id);
     ``finish(run, results)`` after the last step, inside the run (a search trial scores the
     target's model there): what it returns is ``details["finish"]``, what it raises fails the run."""
@@ -188,6 +189,7 @@ def execute(the_plan: Plan, *, cfg: PipelineConfig | None = None, parent: tracki
               **{f"pipeline.{k}": v for k, v in pipe.params.items()}}
     if cfg is not None:
         params.update({"no_reuse": cfg.no_reuse, "rerun": cfg.rerun or "none"})
+    params.update(extra_params or {})
     results: dict[str, StepResult] = {}
     with tracking.step_run("pipeline", experiment=the_plan.experiment, run_name=run_name or f"pipeline:{pipe.name}",
                            tags={f"{T}pipeline": pipe.name, **(tags or {})}, parent=parent) as prun:

@@ -45,18 +45,19 @@ class Summary:
 
 def trial_rows(study) -> "list[dict[str, Any]]":
     """One dict per counted trial, in trial-number order."""
-    from mlproject.search.study import ATTR_DOCS, ATTR_ERROR, ATTR_LEVEL, ATTR_METRICS, ATTR_MODEL, ATTR_RUN, counted
+    from mlproject.search.study import ATTR_ERROR, ATTR_LEVEL, ATTR_METRICS, ATTR_MODEL, ATTR_RUN, ATTR_TARGET, counted
 
     rows = []
     for t in study.get_trials(deepcopy=False):
         if not counted(t):
             continue
         metrics = dict(t.user_attrs.get(ATTR_METRICS) or {})
+        level = metrics.pop(ATTR_LEVEL, None)
         rows.append({
             "trial": t.number, "state": t.state.name, **{f"param {k}": v for k, v in t.params.items()},
-            **metrics, "documents": metrics.get("search/documents", t.user_attrs.get(ATTR_DOCS)),
-            "level": t.user_attrs.get(ATTR_LEVEL), "run_id": t.user_attrs.get(ATTR_RUN),
-            "model_uri": t.user_attrs.get(ATTR_MODEL), "error": t.user_attrs.get(ATTR_ERROR),
+            **metrics, "documents": metrics.get("search/documents"),
+            "level": level, "run_id": t.user_attrs.get(ATTR_RUN),
+            "model_uri": (t.user_attrs.get(ATTR_TARGET) or {}).get(ATTR_MODEL), "error": t.user_attrs.get(ATTR_ERROR),
             "retry_of": t.system_attrs.get("failed_trial"),
             "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
             if t.datetime_complete and t.datetime_start else None,

@@ -65,10 +65,10 @@ ATTR_RUN = "mlflow_run_id"  # trial and study user attr: the MLflow run
 ATTR_ERROR = "error"  # set when the objective raised: the trial counts as done
 ATTR_SURPLUS = "surplus"
 ATTR_METRICS = "metrics"
+ATTR_TARGET = "target"  # {"model_uri": the scored model, "eval_key": model key + evaluation settings}
 ATTR_MODEL = "model_uri"
 ATTR_EVAL_KEY = "eval_key"
-ATTR_LEVEL = "level"
-ATTR_DOCS = "documents"
+ATTR_LEVEL = "level"  # inside ATTR_METRICS: the last level scored
 STUDY_SPACE = "space_fingerprint"
 STUDY_WINNERS = "winners"
 HEADLINE = ("avg_acc", "model_size_mb", "params_b", "search/documents", "search/ppl_windows", "eval_seconds")
@@ -114,6 +114,8 @@ def open_storage(url: str, heartbeat: int = 0, max_retry: int = 2):
             raise UserError(f"storage {url!r}: folder {Path(db).parent} does not exist")
         # several worker processes on one file: wait for the lock instead of failing at once
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+        if db and db != ":memory:":
+            _wal(Path(db).expanduser())
     if heartbeat:
         kwargs.update(heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
                       heartbeat_stale_trial_callback=StaleTrial(max_retry))
@@ -126,6 +128,19 @@ def open_storage(url: str, heartbeat: int = 0, max_retry: int = 2):
     except Exception as exc:  # driver missing, server down, bad credentials
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"storage {storage_label(url)!r} cannot be opened: {tracking.redact(first)}") from None
+
+
+def _wal(path: Path) -> None:
+    """Write-ahead logging for a local SQLite storage file (a setting the file keeps): one sync
+    per commit instead of several, and readers no longer block the writer — the search commits a
+    few times per trial from every worker. (Not for files on NFS; use PostgreSQL across machines.)"""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(str(path), timeout=60)) as con:
+            con.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.Error as exc:
+        raise UserError(f"storage sqlite:///{path}: {exc}") from None
 
 
 class StaleTrial:
@@ -388,6 +403,7 @@ class Worker:
         self.experiment = tracking.experiment_name(ctx.experiment_id)
         _, self.eval_plan, self.docs = checked or space_mod.check(space, self.experiment)
         self.objectives = space.objectives
+        self.target_tags: dict[str, Any] = {}  # the scored trial's target, logged with its first metrics
 
     def loop(self) -> None:
         from optuna.storages import fail_stale_trials
@@ -404,7 +420,9 @@ class Worker:
                     log.info("timeout: %g s reached, starting no new trial", self.cfg.timeout)
                     return
                 try:
-                    self.study.optimize(self.objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+                    # (no gc_after_trial: a full collection costs ~0.4 s with torch loaded; score() frees
+                    # the model itself)
+                    self.study.optimize(self.objective, n_trials=1, catch=(Exception,))
                 except KeyboardInterrupt as exc:
                     if isinstance(exc.__cause__, SystemExit):
                         raise exc.__cause__ from None
@@ -467,13 +485,20 @@ class Worker:
         def on_start(prun: tracking.Run) -> None:
             state["run_id"] = prun.run_id
             trial.set_user_attr(ATTR_RUN, prun.run_id)
-            prun.log_params({"trial.number": trial.number, **{f"trial.{k}": v for k, v in values.items()}})
 
-        pipe = self.space.trial_pipeline(values)
-        the_plan = runner.plan(pipe, self.experiment, experiment_id=self.ctx.experiment_id)
+        the_plan = self.plan_trial(values)
         result = runner.execute(the_plan, parent=self.parent, run_name=f"trial {trial.number}", tags=tags,
+                                extra_params={"trial.number": trial.number,
+                                              **{f"trial.{k}": v for k, v in values.items()}},
                                 on_start=on_start, finish=lambda prun, results: self.score(trial, prun, results, the_plan))
         return result.details["finish"]
+
+    def plan_trial(self, values: dict[str, Any]):
+        """The checked plan of the pipeline a trial runs (steps found reusable marked so)."""
+        from mlproject.pipeline import runner
+
+        pipe = self.space.trial_pipeline(values)
+        return runner.plan(pipe, self.experiment, experiment_id=self.ctx.experiment_id)
 
     def _failed_run(self, trial, tags: dict, exc: BaseException) -> None:
         """A FAILED run for a trial that failed before its pipeline run existed (a combination of
@@ -496,17 +521,19 @@ class Worker:
         from optuna.trial import TrialState
 
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            if t.number != number and t.user_attrs.get(ATTR_EVAL_KEY) == key and t.user_attrs.get(ATTR_METRICS):
+            if (t.number != number and (t.user_attrs.get(ATTR_TARGET) or {}).get(ATTR_EVAL_KEY) == key
+                    and t.user_attrs.get(ATTR_METRICS)):
                 return t
         return None
 
     def score(self, trial, prun: tracking.Run, results: dict, the_plan) -> dict[str, Any]:
         """Score the target's model level by level (the pipeline run's ``finish``)."""
+        self.target_tags = {}
         target = results[self.space.target]
         key = self.eval_key(the_plan.steps[self.space.target].key or target.key)
-        trial.set_user_attr(ATTR_EVAL_KEY, key)
-        trial.set_user_attr(ATTR_MODEL, target.model_uri)
-        prun.set_tags({f"{T}eval_key": key, f"{T}target_run": target.run_id, f"{T}target_step": self.space.target})
+        trial.set_user_attr(ATTR_TARGET, {ATTR_EVAL_KEY: key, ATTR_MODEL: target.model_uri})
+        self.target_tags = {f"{T}eval_key": key, f"{T}target_run": target.run_id,
+                            f"{T}target_step": self.space.target}
         same = self._same_eval(key, trial.number)
         if same is not None:
             return self._copy_eval(trial, prun, same)
@@ -526,9 +553,7 @@ class Worker:
             for level in scorer.levels():
                 shown = {f"fidelity/{k}": v for k, v in level.metrics.items() if "_stderr" not in k}
                 shown.update({"fidelity/documents": level.documents, "fidelity/ppl_windows": level.windows})
-                prun.log_metrics(shown, step=level.level)
-                trial.set_user_attr(ATTR_LEVEL, level.level)
-                trial.set_user_attr(ATTR_DOCS, level.documents)
+                prun.log_metrics_and_tags(shown, self.target_tags if level.level == 1 else {}, step=level.level)
                 if not single:
                     continue
                 obj = self.objectives[0]
@@ -541,35 +566,37 @@ class Worker:
                 else:
                     trial.report(value, step=round(level.fraction * 100))
                 if not level.last and trial.should_prune():
-                    prun.set_tags({f"{T}trial_state": "PRUNED",
-                                   f"{T}pruned_at": f"level {level.level} ({level.fraction:g} of the documents)"})
-                    trial.set_user_attr(ATTR_METRICS, {f"estimate/{obj.metric}": value,
+                    trial.set_user_attr(ATTR_METRICS, {f"estimate/{obj.metric}": value, ATTR_LEVEL: level.level,
                                                        "search/documents": level.documents,
                                                        "search/ppl_windows": level.windows})
-                    prun.log_metrics({"search/documents": level.documents, "search/ppl_windows": level.windows,
-                                      "eval_seconds": time.perf_counter() - start})
+                    prun.log_metrics_and_tags(
+                        {"search/documents": level.documents, "search/ppl_windows": level.windows,
+                         "eval_seconds": time.perf_counter() - start},
+                        {f"{T}trial_state": "PRUNED",
+                         f"{T}pruned_at": f"level {level.level} ({level.fraction:g} of the documents)"})
                     return {"pruned": True, "level": level.level, "documents": level.documents}
             metrics = {**level.metrics, **model_metrics(loaded.model), "search/documents": level.documents,
                        "search/ppl_windows": level.windows, "eval_seconds": time.perf_counter() - start}
+            level_reached = level.level
         finally:
             del loaded
             import gc
 
             gc.collect()
-        return self._complete(trial, prun, metrics)
+        return self._complete(trial, prun, metrics, level_reached)
 
-    def _complete(self, trial, prun: tracking.Run, metrics: dict[str, float]) -> dict[str, Any]:
+    def _complete(self, trial, prun: tracking.Run, metrics: dict[str, float], level: int) -> dict[str, Any]:
         values = []
         for obj in self.objectives:
             value = metrics.get(obj.metric)
             if value is None or not math.isfinite(value):
                 raise RuntimeError(f"objective {obj.name}: {obj.metric} is {value}")
             values.append(value)
-        prun.log_metrics(metrics)
         used = {td.name: "/".join(next(iter(td.metric.values()))) for td in self.docs}
-        prun.set_tags({f"{T}trial_state": "COMPLETE", f"{T}avg_acc_metrics": json.dumps(used)})
-        trial.set_user_attr(ATTR_METRICS, {k: v for k, v in metrics.items()
-                                           if k in HEADLINE or k.startswith(("ppl/", "nll/"))})
+        prun.log_metrics_and_tags(metrics, {**self.target_tags, f"{T}trial_state": "COMPLETE",
+                                            f"{T}avg_acc_metrics": json.dumps(used)})
+        trial.set_user_attr(ATTR_METRICS, {**{k: v for k, v in metrics.items()
+                                              if k in HEADLINE or k.startswith(("ppl/", "nll/"))}, ATTR_LEVEL: level})
         return {"pruned": False, "values": values, "metrics": metrics}
 
     def _copy_eval(self, trial, prun: tracking.Run, same) -> dict[str, Any]:
@@ -580,7 +607,8 @@ class Worker:
             for step, value in sorted(same.intermediate_values.items()):
                 trial.report(value, step=step)
         metrics = dict(same.user_attrs[ATTR_METRICS])
+        level = metrics.pop(ATTR_LEVEL, len(self.space.fractions))
         metrics.update({"search/documents": 0, "search/ppl_windows": 0, "eval_seconds": 0.0})
         prun.set_tags({f"{T}eval_reused_from": same.user_attrs.get(ATTR_RUN, ""),
                        f"{T}eval_reused_trial": same.number})
-        return self._complete(trial, prun, metrics)
+        return self._complete(trial, prun, metrics, level)
