@@ -158,6 +158,14 @@ def test_search_records_a_study_of_pipeline_trials(finished, mlflow_uri):
     assert {"trials.csv", "trials.md", "pareto.csv", "pareto.md", "pareto.png", "history.png", "importances.csv",
             "report.md", "space.yaml"} <= files
     assert srun.data.metrics["search/trials_complete"] == 4
+    import pandas as pd
+
+    table = pd.read_csv(client.download_artifacts(srun.info.run_id, "trials.csv"))
+    assert list(table["trial"]) == [0, 1, 2, 3] and set(table["state"]) == {"COMPLETE"}
+    assert list(table["avg_acc"]) == [trials[n].data.metrics["avg_acc"] for n in range(4)]
+    imp = pd.read_csv(client.download_artifacts(srun.info.run_id, "importances.csv"))
+    assert set(imp["objective"]) == {"best_acc", "best_ppl"}
+    assert set(imp["parameter"]) == {"quant.w_bits", "pruned.ratio"}
 
 
 def test_winners_are_exactly_the_argmax_and_argmin(finished, mlflow_uri):
@@ -441,3 +449,29 @@ def test_shipped_space_loads_and_dry_runs_offline(path, tmp_path, mlflow_uri, ti
     out = capsys.readouterr().out
     assert "dry run" in out and all(f"| {name} |" in out for name in raw["params"])
     assert runs_of(mlflow_uri, "search-shipped") == []
+
+
+@pytest.mark.slow
+def test_mlflow_run_search_entry_point(tmp_path, pipeline_file, mlflow_uri):
+    """`mlflow run . -e search` from a copy of the project: the study run is the run MLflow created."""
+    import shutil
+
+    from test_project import mlflow_run, tracked_files
+
+    clone = tmp_path / "clone"
+    for f in tracked_files():
+        (clone / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, clone / f)
+    space = write_space(tmp_path, pipeline_file, {"pruned.ratio": [0.2], "quant.w_bits": [4, 8]},
+                        objectives=["best_acc"], n_trials=2, sampler={"type": "bruteforce", "seed": 0},
+                        pruner={"type": "none"})
+    out = mlflow_run(clone, mlflow_uri, "search-mlflow-run", "search", space=space,
+                     storage=f"sqlite:///{tmp_path}/optuna.db", study="search-mlflow-run")
+    assert out.returncode == 0, out.stderr[-3000:]
+    srun = study_run(mlflow_uri, "search-mlflow-run")
+    assert srun.info.status == "FINISHED" and srun.data.params["space"] == str(space)
+    trials = trial_runs(mlflow_uri, "search-mlflow-run")
+    assert sorted(trials) == [0, 1]
+    assert all(r.data.tags["mlflow.parentRunId"] == srun.info.run_id for r in trials.values())
+    mv = mlflow_client(mlflow_uri).get_model_version_by_alias("search-mlflow-run", "best_acc")
+    assert mv.tags["mlproject.study"] == "search-mlflow-run"

@@ -245,7 +245,11 @@ def run(cfg: SearchConfig, parent: tracking.Run | None = None) -> StepResult:
                            tags={f"{T}study": name, f"{T}space": space.path, f"{T}role": "study"}) as srun:
         if study.user_attrs.get(ATTR_RUN) != srun.run_id:
             study.set_user_attr(ATTR_RUN, srun.run_id)
-        srun.log_params(_study_params(cfg, space, name))
+        settings = _study_params(cfg, space, name)
+        if run_id is None:
+            srun.log_params(settings)
+        else:  # params are immutable: a later launch (other --set, storage URL …) records its own
+            srun.log_dict(settings, f"launches/{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json")
         srun.log_text(Path(space.path).read_text(), "space.yaml")
         ctx = Context(cfg=cfg, study_name=name, experiment_id=srun.experiment_id, study_run_id=srun.run_id)
         start = time.perf_counter()
@@ -566,12 +570,12 @@ class Worker:
                 else:
                     trial.report(value, step=round(level.fraction * 100))
                 if not level.last and trial.should_prune():
+                    spent = {"search/documents": level.documents, "search/ppl_windows": level.windows,
+                             "eval_seconds": time.perf_counter() - start}
                     trial.set_user_attr(ATTR_METRICS, {f"estimate/{obj.metric}": value, ATTR_LEVEL: level.level,
-                                                       "search/documents": level.documents,
-                                                       "search/ppl_windows": level.windows})
+                                                       **spent})
                     prun.log_metrics_and_tags(
-                        {"search/documents": level.documents, "search/ppl_windows": level.windows,
-                         "eval_seconds": time.perf_counter() - start},
+                        spent,
                         {f"{T}trial_state": "PRUNED",
                          f"{T}pruned_at": f"level {level.level} ({level.fraction:g} of the documents)"})
                     return {"pruned": True, "level": level.level, "documents": level.documents}
