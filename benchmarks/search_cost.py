@@ -1,17 +1,17 @@
-"""What multi-fidelity pruning saves: the demo space searched twice, same seed and trial count —
-with the space's pruner (scoring 10% → 30% → 100% of the documents, stopping poor trials) and
-without (every trial scores every document) — on SmolLM2, offline.
+"""What multi-fidelity pruning saves: the demo space searched with the same seed and trial count —
+with the space's pruner (or each of --pruner a,b: scoring 10% → 30% → 100% of the documents,
+stopping poor trials) and without (every trial scores every document) — on SmolLM2, offline.
 
 For each: documents and PPL windows scored (summed over the trials), scoring seconds (loading
 the trial's model and scoring it), wall time, trials completed / pruned, and the best config
 (best_acc: the completed trial with the highest avg_acc). Prints pruned / unpruned ratios and
-whether both searches found the same best config (target: <= 1/2 of the documents, same winner).
+whether the searches found the same best config (target: <= 1/2 of the documents, same winner).
 
 Each search runs in its own experiment of a fresh local store (a temp dir), so neither reuses
 the other's pipeline steps.
 
     python benchmarks/search_cost.py                                  # demo space, 8 trials, seed 0
-    python benchmarks/search_cost.py --n-trials 12 --pruner successive_halving
+    python benchmarks/search_cost.py --n-trials 12 --pruner wilcoxon,successive_halving
     python benchmarks/search_cost.py --set "limit=100"                # quicker: 100 documents per task
 """
 
@@ -40,7 +40,7 @@ def one_search(args, tmp: Path, pruner: str) -> dict:
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    name = f"cost-{pruner or 'space'}"
+    name = f"cost-{pruner or 'space'}".replace("_", "-")
     mlflow.set_tracking_uri(f"sqlite:///{tmp}/mlflow.db")
     # the trials' model artifacts go to the temp dir (a local store would put them in ./mlruns)
     MlflowClient().create_experiment(name, artifact_location=str(tmp / "artifacts" / name))
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--n-trials", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pruner", default="", help="the pruned search's pruner (default: the space's)")
+    parser.add_argument("--pruner", default="", help="the pruned searches' pruners, comma-separated (default: the space's)")
     parser.add_argument("--set", default="", help="pipeline overrides for both searches")
     args = parser.parse_args(argv)
     import logging
@@ -87,9 +87,10 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="search-cost-") as tmp:
         res = {}
-        for label, pruner in (("pruned", args.pruner), ("unpruned", "none")):
-            res[label] = one_search(args, Path(tmp), pruner)
-    p, u = res["pruned"], res["unpruned"]
+        for pruner in [p.strip() for p in args.pruner.split(",")] or [""]:
+            res[f"pruned ({pruner or 'the space'})"] = one_search(args, Path(tmp), pruner)
+        res["unpruned"] = one_search(args, Path(tmp), "none")
+    u = res["unpruned"]
     print(f"space {args.space}, model {args.model}, {args.n_trials} trials, seed {args.seed}"
           + (f", set {args.set!r}" if args.set else ""))
     for label, r in res.items():
@@ -102,13 +103,17 @@ def main(argv: list[str] | None = None) -> int:
         b = r["best"]
         print(f"  best_acc: trial {b['trial']} avg_acc {b['avg_acc']:.4f} "
               f"{ {k[6:]: v for k, v in b.items() if k.startswith('param ')} }" if b else "  no completed trial")
-    same = bool(p["best"] and u["best"]) and \
-        {k: v for k, v in p["best"].items() if k.startswith("param ")} == \
-        {k: v for k, v in u["best"].items() if k.startswith("param ")}
-    print(f"\ndocuments pruned / unpruned: {p['documents'] / max(u['documents'], 1):.2f} (target <= 0.50); "
-          f"PPL windows: {p['windows'] / max(u['windows'], 1):.2f}; scoring time: "
-          f"{p['scoring_s'] / max(u['scoring_s'], 1e-9):.2f}; wall: {p['wall_s'] / max(u['wall_s'], 1e-9):.2f}")
-    print(f"same best config: {'yes' if same else 'NO'}")
+    print()
+    for label, p in res.items():
+        if p is u:
+            continue
+        same = bool(p["best"] and u["best"]) and \
+            {k: v for k, v in p["best"].items() if k.startswith("param ")} == \
+            {k: v for k, v in u["best"].items() if k.startswith("param ")}
+        print(f"{label} / unpruned: documents {p['documents'] / max(u['documents'], 1):.2f} (target <= 0.50), "
+              f"PPL windows {p['windows'] / max(u['windows'], 1):.2f}, scoring time "
+              f"{p['scoring_s'] / max(u['scoring_s'], 1e-9):.2f}, wall {p['wall_s'] / max(u['wall_s'], 1e-9):.2f}; "
+              f"same best config: {'yes' if same else 'NO'}")
     return 0
 
 

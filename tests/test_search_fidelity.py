@@ -192,3 +192,12 @@ def test_space_overrides_objectives_and_names_the_study_after_them(tmp_path, tin
     assert pareto.params["q.w_bits"].check_values() == [3, 7]  # the top end on the step grid
     assert space_mod.assignments(pareto) == [{"q.w_bits": 3}, {"q.w_bits": 7}]
     assert pareto.trial_overrides({"q.w_bits": 5})[-2:] == ["q.w_bits=5", "q.evaluate=false"]
+
+
+def test_the_study_is_named_after_the_model_at_the_root_of_the_target_chain(tmp_path, tiny_dirs):
+    pipe = tmp_path / "chain.yaml"
+    pipe.write_text(f"params: {{model: {tiny_dirs['llama']}}}\nsteps:\n  p: {{step: prune}}\n"
+                    "  q: {step: quantize, model: '${p.model_uri}', group_size: 32}\n")
+    space = space_mod.parse({"name": "chain", "pipeline": str(pipe), "params": {"q.w_bits": [3, 4]}})
+    assert space.target == "q" and space.steps == ["p", "q"]
+    assert space.model == str(tiny_dirs["llama"]) and space_mod.study_name(space) == "chain-llama"

@@ -234,11 +234,14 @@ def _plot_pareto(path: Path, rows, fronts, ppl, winners) -> None:
         ax.scatter([r[x_metric] for r in pts], [r["avg_acc"] for r in pts], color="0.6", label="completed trials")
         ax.plot([r[x_metric] for r in front], [r["avg_acc"] for r in front], "o-", color="tab:blue",
                 label="Pareto front")
+        by_trial: dict[int, list[str]] = {}
         for role, w in winners.items():
-            r = next((r for r in pts if r["trial"] == w["trial"]), None)
+            by_trial.setdefault(w["trial"], []).append(role)
+        for trial, roles in by_trial.items():
+            r = next((r for r in pts if r["trial"] == trial), None)
             if r is not None:
-                ax.annotate(f"{role} (trial {r['trial']})", (r[x_metric], r["avg_acc"]), textcoords="offset points",
-                            xytext=(5, 5), fontsize=8)
+                ax.annotate(f"{', '.join(roles)} (trial {trial})", (r[x_metric], r["avg_acc"]),
+                            textcoords="offset points", xytext=(5, 5), fontsize=8)
         ax.set_xlabel(f"{x_metric} (lower is better)")
         ax.set_ylabel("avg_acc (higher is better)")
         ax.set_title(title)
@@ -254,6 +257,7 @@ def _plot_history(path: Path, rows, space, ppl) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     objs = space.objectives
     fig, axes = plt.subplots(1, len(objs), figsize=(6 * len(objs), 4.5), squeeze=False)
@@ -272,6 +276,7 @@ def _plot_history(path: Path, rows, space, ppl) -> None:
         if line:
             ax.step([a for a, _ in line], [b for _, b in line], where="post", color="tab:green", label="best so far")
         ax.set_xlabel("trial")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(f"{metric} ({obj.direction})")
         ax.set_title(f"optimization history: {obj.name}")
         ax.grid(alpha=0.3)

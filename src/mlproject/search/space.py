@@ -158,8 +158,15 @@ class Space:
 
     @property
     def model(self) -> str:
-        target = self.pipe.values(self.target)
-        return str(target.get("model") or self.pipe.params.get("model") or "")
+        """The model at the root of the target's chain (``${pruned.model_uri}`` followed up)."""
+        name = self.target
+        for _ in range(len(self.pipe.steps)):
+            value = str(self.pipe.values(name).get("model") or self.pipe.params.get("model") or "")
+            ref = re.fullmatch(r"\$\{([A-Za-z_][\w-]*)\.model_uri\}", value.strip())
+            if not ref or ref.group(1) not in self.pipe.steps:
+                return value
+            name = ref.group(1)
+        return ""
 
     def fingerprint(self) -> str:
         """What a study must keep across resumes: distributions and objectives."""
