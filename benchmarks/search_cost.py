@@ -88,13 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="search-cost-") as tmp:
         res = {}
         for pruner in [p.strip() for p in args.pruner.split(",")] or [""]:
-            res[f"pruned ({pruner or 'the space'})"] = one_search(args, Path(tmp), pruner)
+            r = one_search(args, Path(tmp), pruner)
+            res[f"pruned ({r['pruner']})"] = r
         res["unpruned"] = one_search(args, Path(tmp), "none")
     u = res["unpruned"]
     print(f"space {args.space}, model {args.model}, {args.n_trials} trials, seed {args.seed}"
           + (f", set {args.set!r}" if args.set else ""))
     for label, r in res.items():
-        print(f"\n{label} (pruner {r['pruner']}): {r['complete']} complete, {r['pruned']} pruned; "
+        print(f"\n{label}: {r['complete']} complete, {r['pruned']} pruned; "
               f"{r['documents']} documents, {r['windows']} PPL windows, scoring {r['scoring_s']:.0f} s, "
               f"wall {r['wall_s']:.0f} s")
         for n, state, params, value, docs in r["trials"]:

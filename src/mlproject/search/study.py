@@ -383,9 +383,7 @@ def worker_main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     data = json.loads(os.environ.pop(WORKER_ENV))
-    import mlflow
-
-    mlflow.set_tracking_uri(data["tracking_uri"])
+    tracking.check_server(data["tracking_uri"])  # sets this process's tracking URI
     cfg = SearchConfig(**data["cfg"])
     ctx = Context(cfg=cfg, study_name=data["study_name"], experiment_id=data["experiment_id"],
                   study_run_id=data["study_run_id"])
