@@ -29,6 +29,7 @@ demo: setup
 	$(VENV)/bin/mlproject run pipelines/demo.yaml
 
 ui: setup
+	@echo "MLflow UI on http://127.0.0.1:5000 -- in an experiment, Views > 'Headline numbers (mlproject)' shows the scores"
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///mlflow.db
 
 server: setup

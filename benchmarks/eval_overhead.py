@@ -63,7 +63,8 @@ def step(model: str, tasks: str, limit, seqlen: int, batch_size: int, store: Pat
     from mlproject.steps import evaluate
 
     start = time.perf_counter()
-    res = evaluate.run(EvaluateConfig(model=model, tasks=tasks, limit=str(limit), seqlen=seqlen,
+    # ppl_windows=0: every window, as the bare loop scores (auto would follow the limit)
+    res = evaluate.run(EvaluateConfig(model=model, tasks=tasks, limit=str(limit), seqlen=seqlen, ppl_windows=0,
                                       batch_size=str(batch_size), experiment="bench",
                                       tracking_uri=f"sqlite:///{store}/mlflow.db"))
     elapsed = time.perf_counter() - start

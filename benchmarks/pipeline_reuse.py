@@ -72,15 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.repeats):
         exp = f"bench-pipeline-{i}"
         seconds, metrics = pipeline(args.pipeline, args.set, uri, exp)
-        assert metrics["pipeline/steps_reused"] == 0, metrics
+        assert metrics["system/pipeline/steps_reused"] == 0, metrics
         cold.append(seconds)
-        print(f"repeat {i + 1}: cold pipeline {seconds:.1f}s ({int(metrics['pipeline/steps_run'])} steps run)",
+        print(f"repeat {i + 1}: cold pipeline {seconds:.1f}s ({int(metrics['system/pipeline/steps_run'])} steps run)",
               flush=True)
         seconds, metrics = pipeline(args.pipeline, args.set, uri, exp)
-        assert metrics["pipeline/steps_run"] <= 1, metrics  # only a compare step runs again
+        assert metrics["system/pipeline/steps_run"] <= 1, metrics  # only a compare step runs again
         reused.append(seconds)
         print(f"repeat {i + 1}: reused pipeline {seconds:.1f}s "
-              f"({int(metrics['pipeline/steps_reused'])} steps reused)", flush=True)
+              f"({int(metrics['system/pipeline/steps_reused'])} steps reused)", flush=True)
         by_hand.append(alone(args.pipeline, args.set, uri, f"bench-alone-{i}"))
         print(f"repeat {i + 1}: steps alone {by_hand[-1]:.1f}s", flush=True)
     c, r, a = statistics.median(cold), statistics.median(reused), statistics.median(by_hand)

@@ -38,6 +38,12 @@ def yaml_scalar(value) -> str:
     return '""' if value == "" else '"' + str(value).replace('"', '\\"') + '"'
 
 
+def shown_default(f: dataclasses.Field):
+    from mlproject.config import shown_default as shown
+
+    return shown(f)
+
+
 def entries():
     """(entry point name, registry entry), MLflow's default entry point `main` first."""
     from mlproject.steps import COMMANDS, STEPS
@@ -52,7 +58,7 @@ def render() -> str:
         fields = [f for f in dataclasses.fields(info.config_class()) if not f.metadata.get("cli_only")]
         out.append(f"  {entry_point}:\n    parameters:\n")
         for f in fields:
-            out.append(f"      {f.name}: {{type: {mlflow_type(f)}, default: {yaml_scalar(f.default)}}}\n")
+            out.append(f"      {f.name}: {{type: {mlflow_type(f)}, default: {yaml_scalar(shown_default(f))}}}\n")
         flags = " ".join(f"--{f.name.replace('_', '-')} {{{f.name}}}" for f in fields)
         out.append(f'    command: "PYTHONPATH=src:$PYTHONPATH python -m mlproject {info.name} {flags}"\n')
     return "".join(out)
@@ -72,7 +78,8 @@ def render_params_md() -> str:
         for f in dataclasses.fields(info.config_class()):
             flag = "--" + f.name.replace("_", "-")
             name = f"`{flag}` (CLI only)" if f.metadata.get("cli_only") else f"`{f.name}` / `{flag}`"
-            default = "`" + str(f.default) + "`" if f.default != "" else "(empty)"
+            shown = shown_default(f)
+            default = "`" + str(shown) + "`" if shown != "" else "(empty)"
             help_text = f.metadata.get("help", "").replace("|", "\\|")
             choices = f.metadata.get("choices")
             if choices:

@@ -15,6 +15,36 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tiny  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Downloads, spools and converted models of the tests stay out of the user's cache."""
+    if os.environ.get("MLPROJECT_CACHE"):
+        yield Path(os.environ["MLPROJECT_CACHE"])
+        return
+    root = tmp_path_factory.mktemp("mlproject-cache")
+    os.environ["MLPROJECT_CACHE"] = str(root)
+    yield root
+    os.environ.pop("MLPROJECT_CACHE", None)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a child Python that must import this checkout's package: ``src``
+    goes first on PYTHONPATH, whatever PYTHONPATH already held is kept (a machine whose
+    packages come from PYTHONPATH, as on the GPU test machine, needs it)."""
+    src = str(Path(__file__).resolve().parent.parent / "src")
+    path = os.pathsep.join(p for p in (src, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path, **extra}
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_TRACKING_URI"):
+        if var not in extra:
+            env.pop(var, None)
+    return env
+
+
+def model_device(model):
+    """Where a model's weights live (inputs must go there: the suite also runs on CUDA)."""
+    return next(model.parameters()).device
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny matmuls gain nothing from threads, and on a shared 2-core box they thrash (3x slower).

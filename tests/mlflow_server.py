@@ -64,16 +64,22 @@ def start_server(
     workers: int = 1,
     fast_db: bool = True,
     extra_env: dict[str, str] | None = None,
+    extra_args: list[str] | None = None,
+    port: int | None = None,
+    artifacts: str | os.PathLike | None = None,
 ) -> Iterator[str]:
     """Run ``mlflow server`` on a free port under ``root``; yield its ``http://`` URI.
 
     ``backend_store_uri`` defaults to ``sqlite:///<root>/mlflow.db`` (pass one to serve a
     database filled beforehand). Artifacts go to ``<root>/artifacts``; the server log to
     ``<root>/server.log`` (its tail is put into the error when the server does not come up).
+    ``extra_args`` go to ``mlflow server`` (e.g. ``["--app-name", "basic-auth"]``); ``port``
+    reuses a port (a server restarted where clients expect it); ``artifacts`` is the artifact
+    folder (default ``<root>/artifacts``), so a restart can serve the same store.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     uri = f"http://127.0.0.1:{port}"
     shm_dir = None
     if backend_store_uri is None and fast_db and os.path.isdir("/dev/shm"):
@@ -86,7 +92,8 @@ def start_server(
         "--port", str(port),
         "--workers", str(workers),
         "--backend-store-uri", backend,
-        "--artifacts-destination", str(root / "artifacts"),
+        "--artifacts-destination", str(artifacts or root / "artifacts"),
+        *(extra_args or []),
     ]
     env = dict(os.environ)
     env.update({
@@ -99,7 +106,7 @@ def start_server(
         env.pop(var, None)
     env.update(extra_env or {})
     log_path = root / "server.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - closed in finally
+    log = open(log_path, "ab")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                             cwd=root, start_new_session=True)
     try:

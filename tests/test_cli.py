@@ -59,3 +59,24 @@ def test_help_is_instant_and_imports_nothing_heavy():
             "print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_help_says_each_default_once():
+    import re
+
+    text = cli.build_parser()._subparsers._group_actions[0].choices["evaluate"].format_help()
+    flat = re.sub(r"\s+", " ", text)
+    assert "(default: )" not in flat and "(default: None)" not in flat
+    assert flat.count("(default: smollm2)") == 1 and "(default: all)" in flat and "(default: none)" in flat
+    for option in re.split(r" --", flat)[1:]:
+        assert option.count("(default") <= 1, option
+
+
+def test_numbers_are_rounded_for_reading():
+    from mlproject.steps import StepResult
+
+    text = cli._summary(StepResult(step="evaluate", run_id="", metrics={
+        "eval_seconds": 1409.2121943470001, "ppl/offline": 3.896312, "avg_acc": 0.41333333, "params_b": 0.134515008,
+        "peak_rss_mb": 1234.56789, "mlp_nonce/acc_norm_stderr": 0.0123}))
+    assert text.splitlines() == ["run_id: ", "avg_acc: 0.4133", "eval_seconds: 1,409.2", "params_b: 0.1345",
+                                 "peak_rss_mb: 1,234.6", "ppl/offline: 3.896"]

@@ -795,6 +795,67 @@ def test_ranking_lists_against_sft_baseline(server):
         set(CODE_DPO["humanevalplus"]["lists"][2])
 
 
+def test_reference_prose_and_summary_claims(server):
+    """The sentences under the "vs sft" tables and the summary (总结) at the end, checked as
+    categories; where the numbers contradict the prose, the numbers win (noted inline)."""
+    uri, _ = server
+    sft, best4 = (_build(uri, experiment="code-dpo", view="ranking", baseline=b,
+                         metrics="pass@1,avg_time") for b in (f"name:{BASELINE}", BEST_OF_FOUR))
+    sft_lists, best4_lists = sft.tables["ranking_lists"], best4.tables["ranking_lists"]
+
+    def category(lists, bench, short):
+        sel = (lists["benchmark"] == bench) & (lists["run"].map(_short) == short)
+        assert sel.sum() == 1, (bench, short)
+        return lists.loc[sel, "category"].iloc[0]
+
+    def members(lists, bench, cat):
+        sel = (lists["benchmark"] == bench) & (lists["category"] == cat)
+        return {_short(r) for r in lists.loc[sel, "run"]}
+
+    faster = "faster but less accurate"
+    slower = "more accurate but slower"
+    better = "better than baseline on every metric"
+    # mbpp+ vs sft: "pvf-qts, codedpo, optimise are faster than sft but pass@1 is worse"
+    assert members(sft_lists, "mbppplus", faster) == {"pvf-qts", "codedpo", "optimise"}
+    # "sft-pvf-qfs is worse than sft on both": it is slower (+6221.40) but more accurate (+0.0752)
+    assert category(sft_lists, "mbppplus", "sft-pvf-qfs") == slower
+    # mbpp vs sft: "pvf-qts, opt, optimise are faster but less accurate"; the numbers also put
+    # pvf (-0.0244) and codedpo (-0.0281) there ("opt" names neither unambiguously)
+    assert members(sft_lists, "mbpp", faster) == {"pvf-qts", "pvf", "codedpo", "optimise"}
+    # "sft-pvf-qts is less efficient than sft" (+2391.00), while more accurate
+    assert category(sft_lists, "mbpp", "sft-pvf-qts") == slower
+    # summary 1: pvf-qts, pvf-qra, pvf-qsl are faster than the baseline on all four benchmarks
+    # but less accurate
+    for short in ("pvf-qts", "pvf-qra", "pvf-qsl"):
+        for bench in CODE_DPO:
+            assert category(best4_lists, bench, short) == faster, (short, bench)
+    # summary 2/4: sft-pvf-qsl and sft-pvf-qra beat the baseline and sft on humaneval,
+    # humaneval+ and mbpp+
+    for short in ("sft-pvf-qsl", "sft-pvf-qra"):
+        for bench in ("humaneval", "humanevalplus", "mbppplus"):
+            assert category(best4_lists, bench, short) == better, (short, bench)
+            assert category(sft_lists, bench, short) == better, (short, bench)
+    # sft-qfs beats the baseline on mbpp+, humaneval, humaneval+; on mbpp it is "on par" in
+    # time (0.24% slower) and more accurate
+    for bench in ("mbppplus", "humaneval", "humanevalplus"):
+        assert category(best4_lists, bench, "sft-qfs") == better
+    assert category(best4_lists, "mbpp", "sft-qfs") == slower
+    delta = best4.tables["ranking_delta"]
+    row = delta[(delta["benchmark"] == "mbpp") & (delta["metric"] == "avg_time")
+                & (delta["run"].map(_short) == "sft-qfs")].iloc[0]
+    assert 0 < row["rel_pct"] < 0.3
+    # summary 3: sft-qfs and sft-qra are less efficient than sft on humaneval+
+    for short in ("sft-qfs", "sft-qra"):
+        assert category(sft_lists, "humanevalplus", short) == slower
+    # the "基准值" line above each delta table: the baseline's own values
+    md = sft.markdown()
+    for bench, ref in CODE_DPO.items():
+        row = next(r for r in _rows(ref["table"]) if r[0] == BASELINE)
+        section = md.split(f"### {bench} vs baseline: {BASELINE}")[1]
+        line = next(ln for ln in section.splitlines() if ln.startswith("Baseline values:"))
+        assert f"avg_time {row[1]}" in line and f"pass_at_1 {row[2]}" in line, (bench, line)
+
+
 def test_versus_guide_workflow_with_significance(server):
     uri, ids = server
     base, cand = ids["guide"][0], ids["guide"][1]
@@ -835,16 +896,28 @@ def test_versus_guide_workflow_with_significance(server):
 
 def test_partial_data_renders_na_without_crashing(server, tmp_path):
     uri, ids = server
-    res = _build(uri, experiment="guide", baseline="Qwen2.5-Coder-0.5B")
+    res = _build(uri, experiment="guide", baseline="Qwen2.5-Coder-0.5B", status="all")
     md = res.markdown()
     vs = res.tables["versus"]
-    crashed = vs[vs["candidate"] == "crashed"]
+    crashed = vs[vs["candidate"] == "crashed [FAILED]"]  # the label says it did not finish
     assert list(crashed["task"]) == ["drop"]  # only what it logged
-    assert "empty" not in set(vs["candidate"])
+    assert not any(c.startswith("empty") for c in set(vs["candidate"]))
     assert "N/A" in md
-    mean = vs[(vs["candidate"] == "crashed")]
-    assert "mean" not in set(mean["task"])  # a mean over 1 of 8 tasks is not comparable
+    assert "mean" not in set(crashed["task"])  # a mean over 1 of 8 tasks is not comparable
     assert res.write(tmp_path, "md,csv,json")
+
+
+def test_unfinished_runs_are_left_out_unless_asked(server):
+    uri, ids = server
+    res = _build(uri, experiment="guide", baseline="Qwen2.5-Coder-0.5B", view="versus,ranking")
+    in_scope = res.runset.runs[res.runset.runs["in_scope"]]
+    assert set(in_scope["status"]) == {"FINISHED"} and len(in_scope) == 2
+    assert res.stats["left_out"] == 2 and res.runset.left_out == {"FAILED": 2}
+    assert "left out runs that did not finish (2 FAILED)" in res.markdown()
+    assert not any("crashed" in str(c) for c in res.tables["ranking"].to_numpy().ravel())
+    # a run named by id is compared whatever its status
+    named = _build(uri, runs=f"{ids['guide'][0]},{ids['guide']['partial']}", view="versus")
+    assert set(named.tables["versus"]["candidate"]) == {"crashed [FAILED]"}
 
 
 def test_lineage_columns_in_tidy_table(server):

@@ -58,7 +58,7 @@ def test_compare_run_holds_every_format_and_the_right_numbers(study, mlflow_uri,
     assert any(n.endswith(".png") for n in names)
     md = open(client.download_artifacts(crun.info.run_id, "report.md", str(tmp_path))).read()
     assert "-19.49" in md
-    assert crun.data.metrics["compare/runs"] == 3
+    assert crun.data.metrics["system/compare/runs"] == 3
     # a second compare leaves the first compare run out of its tables
     assert cli.main(["compare", "--experiment", EXP, "--view", "ranking", "--tracking-uri", mlflow_uri]) == 0
     out = capsys.readouterr().out

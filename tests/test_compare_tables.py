@@ -338,6 +338,7 @@ def test_query_without_a_server_uses_the_client(tmp_path, monkeypatch):
         tags = {"mlproject.upstream_run": ids[-1], "mlproject.role": f"ft{i}"} if ids else {}
         run = client.create_run(exp, run_name=f"r{i}", tags=tags, start_time=1000 + i)
         client.log_batch(run.info.run_id, [Metric("t/acc", v, 0, 0)])
+        client.set_terminated(run.info.run_id)  # compare leaves RUNNING runs out by default
         ids.append(run.info.run_id)
     res = build(uri, CompareSpec(experiments=("local",), filter="attributes.run_name != 'r0'",
                                  baseline="name:r1", page_size=1))

@@ -12,7 +12,7 @@ import math
 import pytest
 
 import tiny
-from conftest import assert_bad_input, mlflow_client
+from conftest import assert_bad_input, mlflow_client, model_device
 
 torch = pytest.importorskip("torch")
 
@@ -43,22 +43,29 @@ def data(tmp_path_factory):
 
 
 def ft_config(uri, model, dataset, tmp_path, **kw):
+    # dtype float32 on every device: these tests compare logits and PPL computed two ways
+    # (in memory vs reloaded, merged vs not) at float32 tolerances; device stays auto (CUDA
+    # when present), so the GPU code paths still run.
     base = dict(model=str(model), dataset=str(dataset), max_steps=4, train_batch_size=2, lr=1e-2, lora_r=4,
                 lora_alpha=8, lora_dropout=0.0, tasks="none", ppl_dataset="none", seqlen=32, batch_size="8",
-                output_dir=str(tmp_path / "ckpt"), tracking_uri=uri, experiment="test-finetune")
+                output_dir=str(tmp_path / "ckpt"), tracking_uri=uri, experiment="test-finetune", dtype="float32")
     base.update(kw)
     return FinetuneStepConfig(**base)
 
 
 def logits(model, tokenizer, text="the quick brown fox jumps over"):
-    ids = tokenizer(text, return_tensors="pt").input_ids
+    """Logits on the CPU (comparable across models), computed where the model lives."""
+    ids = tokenizer(text, return_tensors="pt").input_ids.to(model_device(model))
     model.eval()
     with torch.no_grad():
-        return model(input_ids=ids).logits.float()
+        return model(input_ids=ids).logits.float().cpu()
 
 
 def reload(uri):
-    return loading.load_model(resolve(uri), fetch=tracking.download)
+    return loading.load_model(resolve(uri), fetch=tracking.download, dtype="float32")
+
+
+PEAK = "peak_vram_mb" if torch.cuda.is_available() else "peak_rss_mb"  # what the trainer reports
 
 
 def history(client, run_id, key):
@@ -109,7 +116,7 @@ def test_sft_run_is_recorded(sft_run, tiny_dirs, data, mlflow_uri):
 
     m = run.data.metrics
     assert 0 < m["trainable_params"] < m["total_params"] and m["train_steps"] == 4 and m["train_seconds"] > 0
-    assert m["peak_rss_mb"] >= m["train/peak_rss_mb"] > 0 and m["train/final_loss"] == pytest.approx(loss[-1][1])
+    assert m[PEAK] >= m[f"train/{PEAK}"] > 0 and m["train/final_loss"] == pytest.approx(loss[-1][1])
     assert result.details["global_step"] == 4 and result.model_uri == f"runs:/{result.run_id}/model"
 
 
@@ -146,16 +153,38 @@ def test_sft_adapter_reloads_with_identical_logits(sft_run, tiny_dirs, mlflow_ur
     original = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])
     base = {n.replace(".base_layer.", "."): p for n, p in loaded.model.get_base_model().named_parameters()
             if "lora_" not in n}
-    assert all(torch.equal(base[n], p) for n, p in original.named_parameters())
+    assert all(torch.equal(base[n].cpu(), p.to(base[n].dtype)) for n, p in original.named_parameters())
     lora_b = [p for n, p in loaded.model.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
 
     # The evaluate step on runs:/<id>/model measures exactly what the finetune run logged as "after".
-    ev = evaluate.run(EvaluateConfig(model=result.model_uri, tasks="none", ppl_dataset=str(ppl_text_file),
-                                     seqlen=32, tracking_uri=mlflow_uri, experiment="test-finetune"))
+    # (the same limit: with ppl_windows=-1 it sets how many PPL windows are scored)
+    ev = evaluate.run(EvaluateConfig(model=result.model_uri, tasks="none", limit="4", ppl_dataset=str(ppl_text_file),
+                                     seqlen=32, tracking_uri=mlflow_uri, experiment="test-finetune", dtype="float32"))
     assert ev.ppl["sample"] == pytest.approx(run.data.metrics["ppl/sample"], rel=1e-6)
     tags = mlflow_client(mlflow_uri).get_run(ev.run_id).data.tags
     assert tags["mlproject.upstream_run"] == result.run_id and tags["mlproject.base_model"] == str(tiny_dirs["llama"])
+
+
+def test_sft_adapter_is_an_mlflow_transformers_model(sft_run, tiny_dirs):
+    """The adapter is logged as an MLflow model (transformers flavor, PEFT adapter on its base), so
+    mlflow.transformers.load_model gives the same model as the loader every step uses."""
+    import mlflow
+    from peft import PeftModel
+
+    result, run, _ = sft_run
+    model = tracking.logged_model(result.run_id)
+    assert model is not None and model.name == "model" and str(model.status) in ("READY", "LoggedModelStatus.READY")
+    flavor = mlflow.models.get_model_info(result.model_uri).flavors["transformers"]
+    assert flavor["peft_adaptor"] == "." and flavor["local_base_model_path"] == str(tiny_dirs["llama"])
+    parts = mlflow.transformers.load_model(result.model_uri, return_type="components")
+    assert isinstance(parts["model"], PeftModel)
+    tok = parts["tokenizer"]
+    assert torch.equal(logits(parts["model"].eval(), tok), logits(reload(result.model_uri).model, tok))
+    assert "**finetune · " in run.data.tags["mlflow.note.content"]
+    training = [d for d in run.inputs.dataset_inputs if {"mlflow.data.context": "training"}.items()
+                <= {t.key: t.value for t in d.tags}.items()]
+    assert [d.dataset.name for d in training] == [f"{run.data.params['dataset']} (16 rows)"]
 
 
 def test_dpo_continues_the_sft_adapter_and_merges(sft_run, data, mlflow_uri, tiny_dirs, tmp_path):
@@ -180,7 +209,7 @@ def test_dpo_continues_the_sft_adapter_and_merges(sft_run, data, mlflow_uri, tin
     assert (model_dir / "config.json").is_file() and not (model_dir / "adapter_config.json").exists()
     adapter_meta = json.loads((tracking.download(f"runs:/{result.run_id}/adapter") / "mlproject_model.json").read_text())
     assert adapter_meta["kind"] == "adapter" and adapter_meta["base"] == str(tiny_dirs["llama"])
-    merged = AutoModelForCausalLM.from_pretrained(model_dir)
+    merged = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tok = reload(sft.model_uri).tokenizer
     expected = logits(result.model, tok)
     assert torch.allclose(logits(merged, tok), expected, atol=1e-5)
@@ -203,7 +232,7 @@ def test_qlora_adapter_reloads_on_a_requantized_base(mlflow_uri, tiny_dirs, data
     assert loaded.model.get_base_model().is_loaded_in_4bit  # the loader honoured quantization: nf4
     assert torch.equal(logits(loaded.model, loaded.tokenizer), logits(result.model, loaded.tokenizer))
     ev = evaluate.run(EvaluateConfig(model=result.model_uri, tasks="none", ppl_dataset=str(ppl_text_file),
-                                     seqlen=32, tracking_uri=mlflow_uri, experiment="test-finetune"))
+                                     seqlen=32, tracking_uri=mlflow_uri, experiment="test-finetune", dtype="float32"))
     assert ev.ppl["sample"] == pytest.approx(m["ppl/sample"], rel=1e-6)
 
 
@@ -218,6 +247,7 @@ def test_nan_loss_fails_the_run_with_the_message(mlflow_uri, tiny_dirs, data, tm
     curve = history(client, run.info.run_id, "train/loss") + history(client, run.info.run_id, "train/grad_norm")
     assert any(not math.isfinite(v) for _, v in curve)  # the diverged step is in the run
     assert "model" not in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert tracking.logged_model(run.info.run_id) is None  # nor an MLflow model
 
 
 def test_nan_loss_through_the_cli_is_one_line_and_exit_1(mlflow_uri, tiny_dirs, data, tmp_path, capsys):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlproject.evaluation.tasks import OFFLINE_TASKS, include_path, tasks_root
+from mlproject.evaluation.tasks import BUNDLED_TASKS, OFFLINE_TASKS, include_path, tasks_root
 from mlproject.training.data import offline_datasets
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ def test_check_reports_edited_missing_and_stale_files(gen, tmp_path):
 
 def test_every_task_folder_is_registered():
     folders = sorted(p.name for p in tasks_root().iterdir() if (p / f"{p.name}.yaml").is_file())
-    assert folders == sorted(OFFLINE_TASKS)
+    assert folders == sorted(BUNDLED_TASKS)
 
 
 @pytest.mark.parametrize("task", OFFLINE_TASKS)
@@ -188,7 +188,7 @@ def test_lm_eval_finds_and_runs_the_tasks_from_another_cwd(tmp_path, monkeypatch
 
 def test_committed_yaml_paths_work_from_the_repository_root():
     # `lm_eval --include_path src/mlproject/evaluation/tasks` from a checkout.
-    for task in OFFLINE_TASKS:
+    for task in BUNDLED_TASKS:
         cfg = yaml.safe_load((tasks_root() / task / f"{task}.yaml").read_text())
         for rel in cfg["dataset_kwargs"]["data_files"].values():
             assert not Path(rel).is_absolute() and (REPO / rel).is_file()

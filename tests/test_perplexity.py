@@ -12,6 +12,7 @@ def hand_ppl(model, ids: torch.Tensor, seqlen: int) -> float:
     """Token by token, in float64: the definition, with no batching or reshaping tricks."""
     total, count = 0.0, 0
     n = ids.numel() // seqlen
+    ids = ids.to(next(model.parameters()).device)
     for w in range(n):
         window = ids[w * seqlen:(w + 1) * seqlen]
         with torch.no_grad():

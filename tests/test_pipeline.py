@@ -86,13 +86,21 @@ def pipe_file(tmp_path, tiny_dirs, ppl_text_file):
     return write_pipeline(tmp_path / "tiny3.yaml", tiny_dirs["llama"], ppl_text_file)
 
 
-def test_three_steps_parent_child_and_lineage(pipe_file, mlflow_uri, tiny_dirs, capsys):
+def test_three_steps_parent_child_and_lineage(pipe_file, mlflow_uri, tiny_dirs, capsys, monkeypatch, caplog):
+    import logging
+
     exp = "pipe-links"
+    monkeypatch.setenv("MLPROJECT_PROGRESS", "log")
+    monkeypatch.setenv("MLPROJECT_PROGRESS_INTERVAL", "0")
+    caplog.set_level(logging.INFO, logger="mlproject.progress")
     assert run_cli(mlflow_uri, exp, pipe_file) == 0
+    progress = [r.getMessage() for r in caplog.records if r.name == "mlproject.progress"]
+    assert any(p.startswith("pipeline tiny3: 2/3 steps (67%) · ") and "ETA" in p for p in progress), progress
+    assert any(p.startswith("pipeline tiny3: 3/3 steps (100%) · done in") for p in progress)
     out = capsys.readouterr().out
     (parent,) = parents(mlflow_uri, exp)
     assert parent.info.status == "FINISHED" and parent.info.run_name == "pipeline:tiny3"
-    assert parent.data.metrics["pipeline/steps_run"] == 3 and parent.data.metrics["pipeline/steps_reused"] == 0
+    assert parent.data.metrics["system/pipeline/steps_run"] == 3 and parent.data.metrics["system/pipeline/steps_reused"] == 0
     kids = children(mlflow_uri, parent.info.run_id)
     assert set(kids) == {"base", "quant", "after"}
     assert all(k.info.status == "FINISHED" and k.info.experiment_id == parent.info.experiment_id
@@ -108,6 +116,13 @@ def test_three_steps_parent_child_and_lineage(pipe_file, mlflow_uri, tiny_dirs, 
     artifacts = {a.path for a in mlflow_client(mlflow_uri).list_artifacts(parent.info.run_id)}
     assert {"pipeline.yaml", "report.md"} <= artifacts
     assert quant.info.run_id in out and "ran" in out
+    # it ends with where the report is and the UI links (issue 11), the parent describes the steps
+    tail = out.strip().splitlines()[-3:]
+    assert tail[0].startswith("Report: ") and tail[0].endswith("/report.md") and parent.info.run_id in tail[0]
+    assert tail[1] == f"UI: {mlflow_uri}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
+    assert tail[2].endswith("runs?viewStateShareKey=mlproject-headline")
+    note = parent.data.tags["mlflow.note.content"]
+    assert note.startswith("**pipeline tiny3** · 3 steps (3 run, 0 reused)") and "- **after** (evaluate): " in note
     # quantizing changed the numbers: the two evaluations differ
     assert after.data.metrics["ppl/sample"] != kids["base"].data.metrics["ppl/sample"]
 
@@ -120,7 +135,7 @@ def test_second_run_reuses_every_step_without_loading(pipe_file, mlflow_uri, mon
     assert run_cli(mlflow_uri, exp, pipe_file) == 0
     second_parent = parents(mlflow_uri, exp)[-1]
     assert second_parent.info.status == "FINISHED"
-    assert second_parent.data.metrics["pipeline/steps_reused"] == 3
+    assert second_parent.data.metrics["system/pipeline/steps_reused"] == 3
     second = children(mlflow_uri, second_parent.info.run_id)
     for name in ("base", "quant", "after"):
         rec = second[name]
@@ -281,7 +296,8 @@ def test_shipped_pipeline_loads_and_dry_runs_offline(path, mlflow_uri, tiny_dirs
     assert header.startswith(f"# {path.stem} — ") and "mlproject run" in path.read_text()
     # offline: the tiny model, the bundled tasks, the bundled training data
     overrides = [f"model={tiny_dirs['llama']}", "tasks=mlp_nonce", f"ppl_dataset={ppl_text_file}", "seqlen=32"]
-    overrides += [f"{n}.dataset=offline:sft_mlp_nonce" for n, s in pipe.steps.items() if s.step == "finetune"]
+    overrides += [f"{n}.dataset=offline:{s.values.get('method', 'sft')}_mlp_nonce"
+                  for n, s in pipe.steps.items() if s.step == "finetune"]
     overrides += [f"{n}.group_size=32" for n, s in pipe.steps.items()
                   if s.step == "quantize" and s.values.get("method", "rtn") == "rtn"]
     overrides += [f"{n}.calibration=offline" for n, s in pipe.steps.items() if s.step == "prune"]
@@ -315,3 +331,24 @@ def test_the_step_contract_nests_in_process(mlflow_uri, tiny_dirs, ppl_text_file
     assert explicit.key == implicit.key  # same config, same code: same key
     assert client.get_experiment_by_name("elsewhere") is None
     assert client.get_run(parent.run_id).info.status == "FINISHED"
+
+
+def test_the_evaluation_engine_needs_no_run(tiny_dirs, ppl_text_file, mlflow_uri, monkeypatch):
+    """plan → load → PPL + tasks → metrics with no tracking at all (what search and pipelines reuse)."""
+    from mlproject import tracking
+    from mlproject.config import EvalOptions, EvaluateConfig
+    from mlproject.evaluation.engine import evaluate_model
+    from mlproject.steps import evaluate
+
+    opts = dict(tasks="mlp_nonce", limit="4", batch_size="4", ppl_dataset=str(ppl_text_file), seqlen=32)
+    with monkeypatch.context() as m:
+        def no_tracking(*a, **k):
+            raise AssertionError("the engine opened a run")
+
+        m.setattr(tracking, "step_run", no_tracking)
+        out = evaluate_model(str(tiny_dirs["qwen2"]), EvalOptions(**opts))
+    assert {"ppl/sample", "mlp_nonce/acc", "avg_acc", "params_b", "model_size_mb"} <= set(out.metrics)
+    logged = evaluate.run(EvaluateConfig(model=str(tiny_dirs["qwen2"]), tracking_uri=mlflow_uri,
+                                         experiment="engine", **opts))
+    for key in ("ppl/sample", "mlp_nonce/acc", "avg_acc", "params_b"):
+        assert out.metrics[key] == pytest.approx(logged.metrics[key], rel=1e-9)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import mlflow_client
+from conftest import mlflow_client, subprocess_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,11 +64,11 @@ def tmpfs_clone(tmp_path_factory):
 
 def mlflow_run(clone: Path, uri: str, experiment: str, entry_point: str, **params) -> subprocess.CompletedProcess:
     bindir = Path(sys.executable).parent
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{bindir}:{os.environ['PATH']}"}
-    # mlflow.set_experiment in earlier in-process tests exports MLFLOW_EXPERIMENT_ID
-    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        env.pop(var, None)
-    cmd = [str(bindir / "mlflow"), "run", ".", "-e", entry_point, "--env-manager", "local",
+    # subprocess_env drops the MLFLOW_EXPERIMENT_ID that mlflow.set_experiment in earlier
+    # in-process tests exported, and keeps PYTHONPATH
+    env = {**subprocess_env(), "MLFLOW_TRACKING_URI": uri, "PATH": f"{bindir}:{os.environ['PATH']}"}
+    # `python -m mlflow`: the console script need not sit beside the interpreter
+    cmd = [sys.executable, "-m", "mlflow", "run", ".", "-e", entry_point, "--env-manager", "local",
            "--experiment-name", experiment]
     for k, v in params.items():
         cmd += ["-P", f"{k}={v}"]
@@ -86,8 +86,30 @@ def test_mlflow_run_evaluate_from_a_tmpfs_copy(tmpfs_clone, mlflow_uri, tiny_dir
     assert run.data.tags["mlproject.step"] == "evaluate"
     assert run.data.tags.get("mlflow.project.entryPoint") == "evaluate"  # the run MLflow created
     assert {"ppl/sample", "mlp_capitals/acc", "avg_acc"} <= set(run.data.metrics)
-    assert run.data.params["resolved.adapter"] == "none"  # mlflow logged the raw '' itself
+    # params read as words, not the shell-quoted '' mlflow run logs for empty values (issue 11)
+    params = run.data.params
+    assert params["adapter"] == "none" and params["role"] == "auto" and "resolved.adapter" not in params
+    assert "''" not in params.values()
+    assert run.data.tags["mlproject.command"].startswith("mlproject evaluate --model ")
     assert re.search(r"^\d+", run.data.params["ppl.windows"])
+
+
+@pytest.mark.slow
+def test_mlflow_run_with_an_unreachable_hub_fails_fast_and_says_why(tmpfs_clone, mlflow_uri, monkeypatch):
+    from mlflow_server import free_port
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    out = mlflow_run(tmpfs_clone, mlflow_uri, "mlflow-run-hub", "evaluate", model="some-org/some-model")
+    assert out.returncode != 0
+    assert "cannot reach the Hugging Face hub" in out.stderr and "model=smollm2" in out.stderr
+    client = mlflow_client(mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("mlflow-run-hub").experiment_id])
+    # mlflow run created the run before our code started: it ends FAILED with the reason on it
+    assert run.info.status == "FAILED"
+    assert run.data.tags["mlproject.error"].startswith("cannot reach the Hugging Face hub")
+    assert "Failed before it started" in run.data.tags["mlflow.note.content"]
 
 
 @pytest.mark.slow

@@ -3,11 +3,10 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
-from conftest import mlflow_client
+from conftest import mlflow_client, subprocess_env
 from mlproject import tracking
 
 
@@ -100,8 +99,8 @@ def test_sigterm_leaves_no_run_running(mlflow_uri, tmp_path):
             print("started", flush=True)
             time.sleep(60)
     """))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(Path(tracking.__file__).parents[1])})
+    # subprocess_env keeps PYTHONPATH (a machine whose packages come from it must still find mlflow)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=subprocess_env())
     assert proc.stdout.readline().strip() == "started"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM

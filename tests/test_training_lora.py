@@ -6,6 +6,7 @@ import math
 
 import pytest
 import tiny
+from conftest import model_device
 
 torch = pytest.importorskip("torch")
 datasets = pytest.importorskip("datasets")
@@ -53,10 +54,16 @@ def base_weights(model):
 
 
 def logits(model, tokenizer, text="the quick brown fox jumps over"):
-    ids = tokenizer(text, return_tensors="pt").input_ids
+    """CPU logits, computed where the model lives (the Trainer moves it to CUDA when present)."""
+    ids = tokenizer(text, return_tensors="pt").input_ids.to(model_device(model))
     model.eval()
     with torch.no_grad():
-        return model(input_ids=ids).logits.float()
+        return model(input_ids=ids).logits.float().cpu()
+
+
+def on_device_of(model, other):
+    """``model`` moved to where ``other`` lives, so both compute with the same kernels."""
+    return model.to(model_device(other))
 
 
 def assert_trained(result, snap, before_base, logs, steps):
@@ -71,7 +78,7 @@ def assert_trained(result, snap, before_base, logs, steps):
     changed = [n for n in after if not torch.equal(after[n], snap.before[n])]
     assert len(changed) == len(after), f"unchanged trainable params: {set(after) - set(changed)}"
     for name, value in base_weights(result.model).items():
-        assert torch.equal(value, before_base[name]), f"frozen weight {name} changed"
+        assert torch.equal(value.cpu(), before_base[name].cpu()), f"frozen weight {name} changed"
 
 
 def test_sft_lora_trains_saves_and_merges(tmp_path, tiny_tokenizer):
@@ -95,10 +102,10 @@ def test_sft_lora_trains_saves_and_merges(tmp_path, tiny_tokenizer):
     assert (saved.adapter_dir / "adapter_config.json").is_file()
     assert (saved.adapter_dir / "tokenizer.json").is_file()
 
-    reloaded = PeftModel.from_pretrained(tiny.make_model("llama"), saved.adapter_dir)
+    reloaded = on_device_of(PeftModel.from_pretrained(tiny.make_model("llama"), saved.adapter_dir), result.model)
     assert torch.allclose(logits(reloaded, tiny_tokenizer), trained_logits, atol=1e-6)
 
-    merged = AutoModelForCausalLM.from_pretrained(saved.model_dir)
+    merged = on_device_of(AutoModelForCausalLM.from_pretrained(saved.model_dir), result.model)
     assert not any("lora" in n for n, _ in merged.named_parameters())
     assert torch.allclose(logits(merged, tiny_tokenizer), trained_logits, atol=1e-5)
     assert torch.allclose(logits(saved.model, tiny_tokenizer), trained_logits, atol=1e-5)
@@ -142,11 +149,11 @@ def test_full_finetune(tmp_path, tiny_tokenizer):
     result = train(model, tiny_tokenizer, sft_data(), cfg(finetuning="full", max_steps=2, lr=1e-3),
                    output_dir=tmp_path / "ckpt")
     assert result.trainable_params == result.total_params == sum(p.numel() for p in before.values())
-    unchanged = [n for n, p in result.model.named_parameters() if torch.equal(p, before[n])]
+    unchanged = [n for n, p in result.model.named_parameters() if torch.equal(p.cpu(), before[n])]
     assert not unchanged
     saved = save_output(result.model, tiny_tokenizer, tmp_path / "out", merge=True)
     assert saved.adapter_dir is None
-    reloaded = AutoModelForCausalLM.from_pretrained(saved.model_dir)
+    reloaded = on_device_of(AutoModelForCausalLM.from_pretrained(saved.model_dir), result.model)
     assert torch.allclose(logits(reloaded, tiny_tokenizer), logits(result.model, tiny_tokenizer), atol=1e-6)
 
 
@@ -156,7 +163,7 @@ def completion_accuracy(model, tokenizer):
         p = tokenizer(prompt).input_ids
         ids = tokenizer(prompt + completion).input_ids
         with torch.no_grad():
-            lp = model(input_ids=torch.tensor([ids])).logits.float().log_softmax(-1)[0]
+            lp = model(input_ids=torch.tensor([ids], device=model_device(model))).logits.float().log_softmax(-1)[0]
         return sum(lp[i - 1, ids[i]].item() for i in range(len(p), len(ids)))
 
     model.eval()
@@ -245,7 +252,7 @@ def test_resume_continues_from_last_checkpoint(tmp_path, tiny_tokenizer):
     a = dict(resumed.model.named_parameters())
     for name, p in straight.model.named_parameters():
         if p.requires_grad:
-            assert torch.allclose(p, a[name], atol=1e-6), name
+            assert torch.allclose(p, a[name].to(p.device), atol=1e-6), name
 
 
 def test_resume_with_more_steps(tmp_path, tiny_tokenizer):

@@ -1,14 +1,62 @@
 #!/usr/bin/env bash
-# Team MLflow server: PostgreSQL backend + S3-compatible artifact store, artifacts proxied
-# through the server (clients need no bucket credentials, only the server URL).
-#   pip install psycopg2-binary boto3      # on the server host
-#   cp tracking/team.env.example tracking/team.env && edit it
-#   bash tracking/team-server.sh
-# Clients: export MLFLOW_TRACKING_URI=http://<server>:5000 (credentials in the URI are never logged by mlproject).
+# Team MLflow server: PostgreSQL backend + S3-compatible artifact store (artifacts proxied
+# through the server: clients need no bucket credentials), MLflow's basic-auth app (every
+# request needs a user; permissions per experiment and model), and an explicit list of the
+# host names clients use (MLflow 3 refuses API calls with any other Host header: 403
+# "Invalid Host header", while /health still answers 200).
+#
+#   pip install 'mlflow[auth]' psycopg2-binary boto3        # on the server host
+#   cp tracking/team.env.example tracking/team.env          # git-ignored; edit every CHANGE_ME
+#   bash tracking/team-server.sh                            # or TEAM_ENV=/etc/mlflow/team.env …
+#
+# Clients: export MLFLOW_TRACKING_URI=https://<server>; MLFLOW_TRACKING_USERNAME=<user>;
+# MLFLOW_TRACKING_PASSWORD=<password> (or put user:password@ in the URI: mlproject never logs
+# it). Basic auth sends passwords with every request: serve it over TLS (a reverse proxy in
+# front, MLFLOW_HOST=127.0.0.1 behind it) or keep it on a trusted network.
 set -euo pipefail
-cd "$(dirname "$0")"
-set -a; . ./team.env; set +a
-exec python -m mlflow server \
-  --host "$MLFLOW_HOST" --port "$MLFLOW_PORT" --workers "$MLFLOW_WORKERS" \
+here="$(cd "$(dirname "$0")" && pwd)"
+env_file="${TEAM_ENV:-$here/team.env}"
+if [ ! -f "$env_file" ]; then
+  echo "error: $env_file not found: cp tracking/team.env.example tracking/team.env and edit it" >&2
+  exit 2
+fi
+set -a; . "$env_file"; set +a
+
+for var in MLFLOW_BACKEND_STORE_URI MLFLOW_ARTIFACTS_DESTINATION MLFLOW_HOST MLFLOW_PORT MLFLOW_ALLOWED_HOSTS \
+           MLFLOW_AUTH_DATABASE_URI MLFLOW_AUTH_ADMIN_PASSWORD MLFLOW_FLASK_SERVER_SECRET_KEY; do
+  value="${!var:-}"
+  if [ -z "$value" ] || [[ "$value" == *CHANGE_ME* ]]; then
+    echo "error: set $var in $env_file (it is empty or still CHANGE_ME)" >&2
+    exit 2
+  fi
+done
+if [ "$MLFLOW_AUTH_ADMIN_PASSWORD" = "password1234" ] || [ "${#MLFLOW_AUTH_ADMIN_PASSWORD}" -lt 12 ]; then
+  echo "error: MLFLOW_AUTH_ADMIN_PASSWORD in $env_file must be your own, 12 characters or more" >&2
+  exit 2
+fi
+
+# The auth app reads its settings from an ini file (the admin password it takes from
+# MLFLOW_AUTH_ADMIN_PASSWORD, on the first start only). The file holds the auth database URI,
+# so only this user may read it.
+export MLFLOW_AUTH_CONFIG_PATH="${MLFLOW_AUTH_CONFIG_PATH:-$here/local/basic_auth.ini}"
+mkdir -p "$(dirname "$MLFLOW_AUTH_CONFIG_PATH")"
+( umask 077
+  cat > "$MLFLOW_AUTH_CONFIG_PATH" <<INI
+[mlflow]
+default_permission = ${MLFLOW_AUTH_DEFAULT_PERMISSION:-READ}
+database_uri = $MLFLOW_AUTH_DATABASE_URI
+admin_username = ${MLFLOW_AUTH_ADMIN_USERNAME:-admin}
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+INI
+)
+
+cors=()
+if [ -n "${MLFLOW_CORS_ALLOWED_ORIGINS:-}" ]; then
+  cors=(--cors-allowed-origins "$MLFLOW_CORS_ALLOWED_ORIGINS")
+fi
+exec "${PYTHON:-python3}" -m mlflow server \
+  --app-name basic-auth \
+  --host "$MLFLOW_HOST" --port "$MLFLOW_PORT" --workers "${MLFLOW_WORKERS:-4}" \
   --backend-store-uri "$MLFLOW_BACKEND_STORE_URI" \
-  --artifacts-destination "$MLFLOW_ARTIFACTS_DESTINATION"
+  --artifacts-destination "$MLFLOW_ARTIFACTS_DESTINATION" \
+  --allowed-hosts "$MLFLOW_ALLOWED_HOSTS" "${cors[@]}"

@@ -16,12 +16,28 @@ from mlproject.errors import UserError
 
 
 def param(default: Any, help: str, choices: tuple | None = None, cli_only: bool = False,
-          positional: bool = False, repeat: bool = False):
+          positional: bool = False, repeat: bool = False, empty: str | None = None):
     """A config field with its documentation (and the choices the CLI/validation accept).
     ``positional``: the CLI also takes it as a bare argument; ``repeat``: the CLI flag may be
-    given several times (joined shell-quoted into the one string MLproject passes)."""
+    given several times (joined shell-quoted into the one string MLproject passes).
+    ``empty``: the word that stands for an empty value (``none``, ``all``, ``auto``) — MLproject
+    declares it as the default, because ``mlflow run`` logs an empty default as a literal ``''``."""
     return field(default=default, metadata={"help": help, "choices": choices, "cli_only": cli_only,
-                                            "positional": positional, "repeat": repeat})
+                                            "positional": positional, "repeat": repeat, "empty": empty})
+
+
+def shown_default(f: dataclasses.Field) -> Any:
+    """The default as MLproject, the README and --help show it (the ``empty`` word for "")."""
+    return f.metadata.get("empty") or f.default if f.default == "" else f.default
+
+
+def shown_value(cfg: Any, name: str) -> Any:
+    """A field's value as logged: an empty value as its ``empty`` word (what ``mlflow run`` logs)."""
+    value = getattr(cfg, name)
+    if value == "":
+        f = next(f for f in dataclasses.fields(cfg) if f.name == name)
+        return f.metadata.get("empty") or ""
+    return value
 
 
 def parse_bool(name: str, value: Any) -> bool:
@@ -54,6 +70,9 @@ def coerce_fields(cfg) -> None:
                 value = float(str(value).strip())
         except ValueError:
             raise UserError(f"{f.name} {value!r} is not a valid {kind}") from None
+        empty = f.metadata.get("empty")
+        if empty and isinstance(value, str) and value.strip().lower() == empty:
+            value = ""
         setattr(cfg, f.name, value)
         choices = f.metadata.get("choices")
         if choices:
@@ -74,14 +93,15 @@ class EvalOptions:
     """How a model is evaluated; shared by every step that evaluates its result."""
 
     tasks: str = param("offline", "comma list of lm-eval tasks/groups and suites (zeroshot7, quant7, offline); 'none' to skip")
-    limit: str = param("", "documents per task: a count (50) or a fraction (0.2); empty = all")
+    limit: str = param("", "documents per task: a count (50), a fraction (0.2) or all", empty="all")
     num_fewshot: int = param(-1, "few-shot examples per task; -1 = each task's default")
     batch_size: str = param("16", "lm-eval batch size (an integer or 'auto')")
     ppl_dataset: str = param("offline", "perplexity text: offline, wikitext2, a .txt path, or none")
     seqlen: int = param(2048, "perplexity window length in tokens (capped by the model's context)")
     ppl_batch_size: int = param(1, "windows per forward pass when computing perplexity")
-    ppl_windows: int = param(0, "perplexity windows scored: 0 = every window of the text, N = the first N "
-                             "(a quick, still deterministic PPL)")
+    ppl_windows: int = param(-1, "perplexity windows scored: N = the first N (a quick, still deterministic PPL), "
+                             "0 = every window of the text, -1 = auto: every window, or with limit set as many "
+                             "as limit takes documents (limit=N: N windows, limit=f: that fraction of them)")
     seed: int = param(42, "random seed of the run: lm-eval sampling and few-shot order, torch, calibration "
                       "windows, and for finetune the LoRA init, data order and dropout")
 
@@ -95,10 +115,40 @@ class EvalOptions:
             raise UserError(f"seqlen {self.seqlen} must be at least 2")
         if self.ppl_batch_size < 1:
             raise UserError(f"ppl_batch_size {self.ppl_batch_size} must be at least 1")
-        if self.ppl_windows < 0:
-            raise UserError(f"ppl_windows {self.ppl_windows} must be 0 (all windows) or a positive count")
+        if self.ppl_windows < -1:
+            raise UserError(f"ppl_windows {self.ppl_windows} must be -1 (auto), 0 (all windows) or a positive count")
         if self.num_fewshot < -1:
             raise UserError(f"num_fewshot {self.num_fewshot} must be -1 (task default) or >= 0")
+
+
+@dataclass
+class CodeEvalOptions:
+    """How code tasks (humaneval, mbpp, their _plus variants, code_offline) are scored."""
+
+    code_samples: int = param(1, "code tasks: completions per problem; 1 = greedy pass@1, n > 1 samples "
+                              "(temperature 0.8, top_p 0.95) and adds pass@10/pass@100 where k <= n "
+                              "(unbiased estimator)")
+    code_timeout: float = param(10.0, "code tasks: wall-clock seconds per program run (the process group is "
+                                "killed after it); CPU time, 1 GiB of memory, processes and file size are "
+                                "limited too")
+    code_timing_repeats: int = param(7, "code tasks: timed batches of each passing solution and of the "
+                                     "reference (interleaved, medians -> time_ratio); 0 = no timing")
+
+    def __post_init__(self):
+        coerce_fields(self)
+        if self.code_samples < 1:
+            raise UserError(f"code_samples {self.code_samples} must be at least 1")
+        if not 0 < self.code_timeout <= 3600:
+            raise UserError(f"code_timeout {self.code_timeout} must be in (0, 3600] seconds")
+        if self.code_timing_repeats < 0:
+            raise UserError(f"code_timing_repeats {self.code_timing_repeats} must be >= 0")
+
+    def code_settings(self):
+        from mlproject.evaluation.code.sandbox import Limits
+        from mlproject.evaluation.code.scoring import CodeSettings
+
+        return CodeSettings(samples=self.code_samples, limits=Limits(timeout_s=self.code_timeout),
+                            timing_repeats=self.code_timing_repeats)
 
 
 @dataclass
@@ -106,20 +156,37 @@ class ModelOptions:
     """Which model, and how it is placed."""
 
     model: str = param("smollm2", "model: alias, Hugging Face id, local dir, runs:/<id>/<path> or models:/<name>@<alias>")
-    adapter: str = param("", "optional PEFT adapter on top of the model (dir, hub id or runs:/ URI)")
+    adapter: str = param("", "optional PEFT adapter on top of the model (dir, hub id or runs:/ URI); none = no adapter",
+                         empty="none")
     dtype: str = param("auto", "weights dtype (auto = bfloat16 on CUDA, float32 on CPU)",
                        choices=("auto", "float32", "bfloat16", "float16"))
     device: str = param("auto", "auto, cpu, cuda or cuda:N")
 
 
 @dataclass
-class EvaluateConfig(EvalOptions, ModelOptions, RunOptions):
+class LaunchOptions:
+    """How many processes run the step (data-parallel on one machine, through torchrun)."""
+
+    nproc: int = param(1, "processes on this machine: > 1 re-launches the step under torchrun "
+                       "(one per GPU; data-parallel training / evaluation, one MLflow run); leave it out "
+                       "when starting the command with torchrun or accelerate launch yourself")
+
+    def __post_init__(self):
+        if isinstance(self.nproc, bool) or not isinstance(self.nproc, int) or self.nproc < 1:
+            raise UserError(f"nproc {self.nproc!r} must be a positive integer")
+
+
+@dataclass
+class EvaluateConfig(LaunchOptions, CodeEvalOptions, EvalOptions, ModelOptions, RunOptions):
     """`evaluate`: perplexity + lm-eval tasks of one model, recorded as one MLflow run."""
 
-    role: str = param("", "role tag for compare (default: 'base' for a model not produced by a run, else 'eval')")
+    role: str = param("", "role tag for compare; auto = 'base' for a model not produced by a run, else 'eval'",
+                      empty="auto")
 
     def __post_init__(self):
         EvalOptions.__post_init__(self)
+        CodeEvalOptions.__post_init__(self)
+        LaunchOptions.__post_init__(self)
 
 
 EVALUATE_RESULT_HELP = "evaluate the step's output model (PPL + tasks) in the same run"
@@ -219,7 +286,7 @@ def _choices(name: str) -> tuple:
 
 
 @dataclass
-class FinetuneStepConfig(EvalOptions, ModelOptions, RunOptions):
+class FinetuneStepConfig(LaunchOptions, EvalOptions, ModelOptions, RunOptions):
     """`finetune`: SFT or DPO (trl) with LoRA, QLoRA or full fine-tuning, optionally evaluated
     before and after in the same run; the result is logged as the run's `model` artifact."""
 
@@ -250,8 +317,8 @@ class FinetuneStepConfig(EvalOptions, ModelOptions, RunOptions):
                         "(full weights; the adapter goes to `adapter`)")
     resume: bool = param(_train_default("resume"), "continue from the last checkpoint in output_dir, "
                          "into the MLflow run that wrote it")
-    output_dir: str = param("", "checkpoint folder (default: outputs/finetune/<model>-<hash of the "
-                            "training settings>); resume looks here")
+    output_dir: str = param("", "checkpoint folder; auto = outputs/finetune/<model>-<hash of the "
+                            "training settings>; resume looks here", empty="auto")
     save_steps: int = param(_train_default("save_steps"), "checkpoint every N optimizer steps (0 = none)")
     gradient_checkpointing: bool = param(_train_default("gradient_checkpointing"),
                                          "recompute activations in backward (less memory, slower)")
@@ -261,6 +328,7 @@ class FinetuneStepConfig(EvalOptions, ModelOptions, RunOptions):
 
     def __post_init__(self):
         coerce_fields(self)
+        LaunchOptions.__post_init__(self)
         self.eval_options()  # EvalOptions' own validation (tasks are checked by the step)
         self.finetune_config(self.output_dir or "outputs/finetune")  # the training library's validation
 
@@ -283,14 +351,21 @@ class FinetuneStepConfig(EvalOptions, ModelOptions, RunOptions):
 class CompareConfig:
     """`compare`: delta tables, rankings and plots computed from runs on the tracking server."""
 
-    experiment: str = param("", "experiment(s) to compare, comma-separated names or ids (the compare run is recorded in the first)")
-    runs: str = param("", "run ids to compare, comma-separated (in addition to / instead of experiments)")
-    filter: str = param("", "MLflow search filter within the experiments, e.g. \"tags.`mlproject.role` != 'eval'\"")
-    baseline: str = param("", "baseline: <run id>, name:<run name>, role:<role> (per model family), or a|b (best of several)")
+    experiment: str = param("", "experiment(s) to compare, comma-separated names or ids (the compare run is "
+                            "recorded in the first, else in the first listed run's experiment)", empty="none")
+    runs: str = param("", "run ids to compare, comma-separated (in addition to / instead of experiments)",
+                      empty="none")
+    filter: str = param("", "MLflow search filter within the experiments, e.g. \"tags.`mlproject.role` != 'eval'\"",
+                        empty="none")
+    baseline: str = param("", "baseline: <run id>, name:<run name>, role:<role> (per model family), or a|b (best of "
+                          "several); none = versus needs exactly two runs", empty="none")
     view: str = param("all", "summary, versus, ranking or all (comma list allowed)")
-    metrics: str = param("", "metrics for versus/ranking: keys, leaves (pass@1), task names or prefixes; empty = task scores, avg_acc, ppl")
-    directions: str = param("", "better-direction overrides, e.g. avg_time=min,novelty=max")
+    metrics: str = param("", "metrics for versus/ranking: keys, leaves (pass@1), task names or prefixes; "
+                         "auto = task scores, avg_acc, ppl", empty="auto")
+    directions: str = param("", "better-direction overrides, e.g. avg_time=min,novelty=max", empty="none")
     format: str = param("md,csv,json,html,png", "output formats: md, csv, json, html, png")
+    status: str = param("FINISHED", "run statuses to compare: FINISHED, or a comma list of FINISHED, RUNNING, "
+                        "FAILED, KILLED, or all (runs listed by id are always compared; labels show other statuses)")
     run_name: str = param("", "run name (default: 'compare:<experiments or runs>')", cli_only=True)
     tracking_uri: str = param("", "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the local store ./mlflow.db)", cli_only=True)
 
@@ -299,7 +374,7 @@ class CompareConfig:
 
         return CompareSpec(experiments=self.experiment, runs=self.runs, filter=self.filter,
                            baseline=self.baseline, view=self.view, metrics=self.metrics,
-                           directions=self.directions, formats=self.format)
+                           directions=self.directions, formats=self.format, statuses=self.status)
 
     def __post_init__(self):
         coerce_fields(self)
@@ -315,10 +390,10 @@ class PipelineConfig(RunOptions):
                           positional=True)
     set: str = param("", "overrides: key=value (every step that has the parameter) or <step>.key=value "
                      "(one step); several separated by spaces (quote values with spaces), or --set repeated",
-                     repeat=True)
+                     repeat=True, empty="none")
     dry_run: bool = param(False, "print the resolved steps, their keys and what would be reused; run nothing")
     no_reuse: bool = param(False, "recompute every step, even those whose result exists")
-    rerun: str = param("", "comma list of steps to recompute, with every step that depends on them")
+    rerun: str = param("", "comma list of steps to recompute, with every step that depends on them", empty="none")
 
     def __post_init__(self):
         coerce_fields(self)
@@ -333,21 +408,21 @@ class SearchConfig(RunOptions):
 
     space: str = param("pipelines/spaces/demo.yaml", "search space YAML file (or a name in pipelines/spaces/, "
                        "e.g. demo)", positional=True)
-    model: str = param("", "model of the trial pipeline (its pipeline-wide model=…); empty = the pipeline's")
+    model: str = param("", "model of the trial pipeline (its pipeline-wide model=…); auto = the pipeline's", empty="auto")
     set: str = param("", "pipeline overrides for every trial: key=value or <step>.key=value; several separated "
-                     "by spaces, or --set repeated", repeat=True)
+                     "by spaces, or --set repeated", repeat=True, empty="none")
     n_trials: int = param(0, "trials the study holds when done (an earlier run's finished trials count; more "
                           "extends the study); 0 = the space's n_trials")
     study: str = param("", "Optuna study name, also the registered model's name; the same name resumes the study "
-                       "(default: <space name>-<model>)")
+                       "(auto: <space name>-<model>)", empty="auto")
     storage: str = param("sqlite:///optuna.db", "Optuna storage: an SQLAlchemy URL (sqlite:///optuna.db, "
                          "postgresql://user@host/db for many machines) or journal:<file> (Optuna's journal file)")
     workers: int = param(1, "local worker processes sharing the study; each runs trials until it holds n_trials")
     seed: int = param(-1, "sampler seed; -1 = the space's")
     objectives: str = param("", "objectives instead of the space's: best_acc, best_ppl, or best_acc,best_ppl "
-                            "(a Pareto study, no pruner); the default study name then ends in them")
+                            "(a Pareto study, no pruner); the default study name then ends in them; auto = the space's", empty="auto")
     pruner: str = param("", "pruner: none, wilcoxon, successive_halving, hyperband, median, percentile, threshold "
-                        "(its defaults); empty = the space's")
+                        "(its defaults); auto = the space's", empty="auto")
     heartbeat: int = param(30, "RDB storage: seconds between a running trial's heartbeats; a trial silent for twice "
                            "that (its worker was killed) is failed and retried; 0 = off")
     max_retry: int = param(2, "times a trial whose worker died is retried with the same parameters")

@@ -32,7 +32,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 #: Config fields that say where a run is recorded or how it is checkpointed, not what it computes.
-NOT_IN_KEY = frozenset({"experiment", "run_name", "tracking_uri", "resume", "output_dir", "save_steps"})
+#: ``nproc`` asks for processes; a step whose result depends on how many ran (finetune: the
+#: effective batch) puts the world size of the launch in the key itself.
+NOT_IN_KEY = frozenset({"experiment", "run_name", "tracking_uri", "resume", "output_dir", "save_steps", "nproc"})
 LIBRARIES = ("torch", "transformers", "lm_eval", "peft", "trl", "bitsandbytes")
 KEY_LENGTH = 24
 

@@ -29,6 +29,7 @@ class CompareResult:
     ranking, ranking_delta, ranking_lists: medals per benchmark and metric; deltas and
         speedups against the baseline; categories ("better on every metric", …).
     pareto: mean accuracy vs PPL / size with Pareto-front flags.
+    code_common: per code task, the problems every compared run solved (times use them).
     A table is absent when its view was not asked for or had nothing to show.
     """
 
@@ -40,6 +41,16 @@ class CompareResult:
     baseline: T.Baseline | None = None
     notes: list[str] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
+    #: code tasks: the problems every compared run solved, on which times are compared
+    common: dict[str, T.CommonSet] = field(default_factory=dict)
+
+    @property
+    def setting_flags(self) -> dict[str, str]:
+        """run id → the evaluation settings in which it differs from its reference (only those)."""
+        t = self.tables.get("settings")
+        if t is None or t.empty:
+            return {}
+        return {r.run_id: r.differs for r in t.itertuples() if r.differs}
 
     @cached_property
     def tidy(self) -> pd.DataFrame:
@@ -135,6 +146,21 @@ def compute(runset: RunSet, spec: CompareSpec) -> CompareResult:
     runs, metrics = runset.runs, runset.metrics
     d = Directions(spec.directions)
     notes: list[str] = []
+    # Code tasks: run times are compared on the problems all runs solved (logged averages are
+    # over each run's own solved problems). The tidy table keeps the logged values.
+    metrics, common = T.common_problem_metrics(runs, metrics, runset.problems)
+    for task, cs in common.items():
+        if cs.missing:
+            notes.append(f"{task}: no per-problem results (artifact code/{task}.json) for "
+                         f"{len(cs.missing)} of {len(cs.runs)} runs, so avg_time_s and "
+                         "time_ratio are each run's own average over the problems it solved, "
+                         "not a like-for-like comparison")
+        elif not cs.problems:
+            notes.append(f"{task}: no problem was solved by all {len(cs.runs)} runs; run "
+                         "times cannot be compared (N/A)")
+        elif "versus" in spec.view:
+            notes.append(f"{task}: avg_time_s and time_ratio are over the {len(cs.problems)} "
+                         f"problems all {len(cs.runs)} compared runs solved, in every view")
     scores = T.task_scores(runs, metrics)
     lin = T.lineage(runs)
     selected = T.select_metrics(spec.metrics, metrics.columns, scores) if spec.metrics else None
@@ -183,10 +209,26 @@ def compute(runset: RunSet, spec: CompareSpec) -> CompareResult:
             tables["ranking_delta"] = delta
             tables["ranking_lists"] = T.ranking_lists(delta)
     tables["pareto"] = T.pareto_table(runs, metrics, scores)
+    if runset.left_out:
+        counts = ", ".join(f"{n} {st}" for st, n in sorted(runset.left_out.items()))
+        notes.append(f"left out runs that did not finish ({counts}); compare them with status=all "
+                     "(a RUNNING run whose process is gone: mlproject runs reap)")
+    if common:
+        tables["code_common"] = pd.DataFrame(
+            [{"task": c.task, "runs": len(c.runs), "common_problems": len(c.problems),
+              "problems_seen": c.total, "applied": c.applied, "missing_runs": c.missing,
+              "problems": c.problems} for c in common.values()])
+    settings = T.settings_check(runs, metrics, base)
+    if len(settings):
+        tables["settings"] = settings
+        odd = settings[settings["differs"] != ""]
+        if len(odd):
+            notes.insert(0, "⚠ evaluation settings differ, so these numbers are not directly comparable: "
+                         + "; ".join(f"{r.run}: {r.differs}" for r in odd.itertuples()))
     if not len(scope):
         notes.append("no runs matched")
     return CompareResult(spec=spec, runset=runset, tables=tables, scores=scores, directions=d,
-                         baseline=base, notes=notes)
+                         baseline=base, notes=notes, common=common)
 
 
 def build(client_or_uri, spec: CompareSpec, *, exclude_run_ids=()) -> CompareResult:
@@ -206,7 +248,9 @@ def build(client_or_uri, spec: CompareSpec, *, exclude_run_ids=()) -> CompareRes
     t0 = time.perf_counter()
     runset = query.fetch_runs(client_or_uri, spec.experiments, spec.runs, spec.filter,
                               page_size=spec.page_size, parallel=spec.parallel,
-                              exclude_run_ids=exclude_run_ids)
+                              exclude_run_ids=exclude_run_ids, statuses=spec.statuses)
+    if ("ranking" in spec.view or "versus" in spec.view) and query.code_tasks_of(runset.metrics):
+        query.fetch_code_problems(client_or_uri, runset, parallel=spec.parallel)
     t1 = time.perf_counter()
     result = compute(runset, spec)
     t2 = time.perf_counter()
@@ -215,6 +259,7 @@ def build(client_or_uri, spec: CompareSpec, *, exclude_run_ids=()) -> CompareRes
         "lineage_runs": int((~runset.runs["in_scope"].astype(bool)).sum()),
         "metrics": int(runset.metrics.shape[1]),
         "requests": runset.requests,
+        "left_out": int(sum(runset.left_out.values())),
         "query_s": round(t1 - t0, 3),
         "tables_s": round(t2 - t1, 3),
     }

@@ -47,10 +47,11 @@ _HIGHER_LEAF = re.compile(
 )
 _LOWER_LEAF = re.compile(
     r"(^|_)(ppl|perplexity|word_perplexity|byte_perplexity|bits_per_byte|nll|loss|"
-    r"time|latency|seconds|secs|duration|ms|mb|gb|bytes|params_b|params|num_params|"
+    r"time|time_s|time_ratio|latency|seconds|secs|duration|ms|mb|gb|bytes|params_b|params|num_params|"
     r"model_size\w*|peak_\w+|ece|wer|cer|stderr)$"
 )
-_TIME_LEAF = re.compile(r"(^|_)(time|latency|seconds|secs|sec|duration|ms|s)$")
+# time_ratio: a code task's run time relative to the reference solution (a time, unit-free)
+_TIME_LEAF = re.compile(r"(^|_)(time|latency|seconds|secs|sec|duration|ms|s|time_ratio)$")
 
 
 def leaf(key: str) -> str:

@@ -31,6 +31,7 @@ lineage runs living in other experiments). It grows with pages, not with runs.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -52,8 +53,20 @@ TAG_KEYS = {
     "parent_run": "mlflow.parentRunId",
 }
 REUSED_TAG = "mlproject.reused_from"
+#: Evaluation settings that make two runs' numbers comparable (or not): column ``setting:<name>``
+#: of ``RunSet.runs``, read from the first of these params / tags the run has (``resolved.<p>`` is
+#: what a step logged beside the raw value ``mlflow run`` logged). PPL settings are the ones used.
+SETTINGS = {
+    "limit": ("param:resolved.limit", "param:limit"),
+    "num_fewshot": ("param:resolved.num_fewshot", "param:num_fewshot"),
+    "batch_size": ("param:resolved.batch_size", "param:batch_size"),
+    "seqlen": ("param:ppl.seqlen",),
+    "ppl_windows": ("param:ppl.windows",),
+    "lm_eval": ("tag:env.pkg.lm_eval",),
+}
+SETTING_PREFIX = "setting:"
 RUN_COLUMNS = ["run_name", "experiment_id", "experiment", "status", "start_time", "end_time",
-               *TAG_KEYS, "in_scope"]
+               *TAG_KEYS, "in_scope", *(SETTING_PREFIX + k for k in SETTINGS)]
 
 #: mlflow.store.tracking.SEARCH_MAX_RESULTS_THRESHOLD; the REST handler rejects more.
 SERVER_PAGE_CAP = 50_000
@@ -84,6 +97,10 @@ class RunSet:
     metrics: pd.DataFrame
     order: list[str] = field(default_factory=list)
     requests: int = 0
+    left_out: dict[str, int] = field(default_factory=dict)  # status -> runs left out for it
+    #: per-problem results of code tasks (``fetch_code_problems``): one row per (run, task,
+    #: problem); None when not fetched
+    problems: pd.DataFrame | None = None
 
     @classmethod
     def from_records(cls, records: Iterable[dict], order: Sequence[str] = (),
@@ -106,6 +123,11 @@ class RunSet:
             }
             for col, tag in TAG_KEYS.items():
                 row[col] = tags.get(tag) or rec.get(col) or None
+            params = rec.get("params") or {}
+            for name, sources in SETTINGS.items():
+                row[SETTING_PREFIX + name] = rec.get(SETTING_PREFIX + name) or next(
+                    (v for kind, _, key in (src.partition(":") for src in sources)
+                     if (v := (params if kind == "param" else tags).get(key)) not in (None, "")), None)
             rows.append(row)
             mets.append(rec.get("metrics") or {})
             ids.append(rec["run_id"])
@@ -177,6 +199,7 @@ def fetch_runs(
     exclude_run_ids: Iterable[str] = (),
     exclude_steps: Iterable[str] = ("compare", "pipeline", "search"),
     lineage: bool = True,
+    statuses: Iterable[str] | None = None,
 ) -> RunSet:
     """Search the tracking server; see the module docstring. Raises UserError on bad input."""
     from mlflow.exceptions import MlflowException
@@ -223,6 +246,12 @@ def fetch_runs(
     scope = {rid: r for rid, r in runs.items()
              if rid not in excluded and r["tags"].get(TAG_KEYS["step"]) not in steps_out
              and REUSED_TAG not in r["tags"]}
+    left_out: dict[str, int] = {}
+    if statuses is not None:
+        wanted, named = set(statuses), set(run_ids)
+        for rid in [rid for rid, r in scope.items() if r["status"] not in wanted and rid not in named]:
+            status = scope.pop(rid)["status"]
+            left_out[status] = left_out.get(status, 0) + 1
 
     extra: dict[str, object] = {}
     if lineage and scope:
@@ -248,7 +277,9 @@ def fetch_runs(
     records += [_finish(r, exp_names, False) for rid, r in extra.items() if rid not in scope]
     log.info("fetched %d runs (+%d lineage) in %d requests", len(scope),
              len(records) - len(scope), requests)
-    return RunSet.from_records(records, order=order, requests=requests)
+    out = RunSet.from_records(records, order=order, requests=requests)
+    out.left_out = left_out
+    return out
 
 
 def _fetch_lineage(client, scope: dict, exp_ids: list[str]) -> tuple[dict, int]:
@@ -408,6 +439,7 @@ def _json_record(r: dict) -> dict:
         "end_time": _int(info.get("end_time")),
         "tags": {t["key"]: t.get("value", "") for t in data.get("tags", ())},
         "metrics": {m["key"]: _num(m.get("value", "NaN")) for m in data.get("metrics", ())},
+        "params": {p["key"]: p.get("value", "") for p in data.get("params", ())},
     }
 
 
@@ -417,7 +449,7 @@ def _entity_record(run) -> dict:
         "run_id": info.run_id, "run_name": info.run_name,
         "experiment_id": str(info.experiment_id), "status": info.status,
         "start_time": info.start_time, "end_time": info.end_time,
-        "tags": dict(run.data.tags), "metrics": dict(run.data.metrics),
+        "tags": dict(run.data.tags), "metrics": dict(run.data.metrics), "params": dict(run.data.params),
     }
 
 
@@ -433,3 +465,69 @@ def _is_bad_request(exc) -> bool:
 
 def _first_line(text: str) -> str:
     return (text or "").strip().splitlines()[0] if text else ""
+
+
+#: Artifact each code task's per-problem results are logged to (steps/evaluate.py).
+CODE_ARTIFACT = "code/{task}.json"
+PROBLEM_COLUMNS = ["run_id", "task", "problem", "passed", "time_s", "ref_time_s", "time_ratio"]
+
+
+def code_tasks_of(metrics: pd.DataFrame) -> list[str]:
+    """Tasks scored by the code sandbox: they log ``<task>/timed``."""
+    return sorted({c.rsplit("/", 1)[0] for c in metrics.columns
+                   if c.endswith("/timed") and not c.startswith(("before/", "delta/"))})
+
+
+def fetch_code_problems(client_or_uri, runset: RunSet, parallel: int = DEFAULT_PARALLEL) -> int:
+    """Download the per-problem artifacts of every in-scope code run into ``runset.problems``.
+
+    One download per (run, code task). A run without the artifact (older runs, runs built from
+    metrics alone) simply has no rows; the tables then fall back to its logged averages.
+    Returns the number of requests made.
+    """
+    import json
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlflow.exceptions import MlflowException
+
+    client = _client(client_or_uri)
+    scope = runset.runs.index[runset.runs["in_scope"].astype(bool)]
+    jobs = [(rid, task) for task in code_tasks_of(runset.metrics)
+            for rid in scope if pd.notna(runset.metrics.at[rid, f"{task}/timed"])]
+
+    def get(job):
+        rid, task = job
+        with tempfile.TemporaryDirectory(prefix="mlproject-compare-") as tmp:
+            try:
+                path = client.download_artifacts(rid, CODE_ARTIFACT.format(task=task), tmp)
+                with open(path, encoding="utf-8") as fh:
+                    doc = json.load(fh)
+            except (MlflowException, OSError, ValueError) as exc:
+                log.info("no per-problem results for run %s, task %s: %s", rid, task,
+                         _first_line(str(exc)))
+                return []
+        return [{"run_id": rid, "task": task, "problem": str(p.get("id")),
+                 "passed": bool(p.get("c", 0)), "time_s": p.get("time_s"),
+                 "ref_time_s": p.get("ref_time_s"), "time_ratio": p.get("time_ratio")}
+                for p in doc.get("problems", [])]
+
+    rows = []
+    if jobs:
+        # one progress bar per tiny download would flood the terminal
+        bar_env = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+        before = os.environ.get(bar_env)
+        os.environ[bar_env] = "false"
+        try:
+            with ThreadPoolExecutor(max(1, min(parallel, len(jobs)))) as pool:
+                for part in pool.map(get, jobs):
+                    rows.extend(part)
+        finally:
+            if before is None:
+                os.environ.pop(bar_env, None)
+            else:
+                os.environ[bar_env] = before
+    runset.problems = pd.DataFrame(rows, columns=PROBLEM_COLUMNS).astype(
+        {"time_s": "float64", "ref_time_s": "float64", "time_ratio": "float64"})
+    runset.requests += len(jobs)
+    return len(jobs)

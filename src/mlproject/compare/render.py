@@ -26,6 +26,7 @@ import pandas as pd
 
 from mlproject.compare import directions as dirs
 from mlproject.compare.directions import HIGHER, LOWER
+from mlproject.compare.tables import COMMON_TIME_METRICS
 
 NA = "N/A"
 GREEN, RED = "#1ABD76", "#E33D30"
@@ -41,6 +42,12 @@ MAX_PLOT_PANELS = 4
 def decimals(key: str, values=None) -> int:
     """Display precision for a metric key (see module docstring)."""
     lf = dirs.leaf(key).lower()
+    if dirs.is_time_like(key) and values is not None:
+        # seconds of generated code are often micro- to milliseconds: 3 significant digits
+        v = pd.Series(values, dtype="float64").abs()
+        small = v[(v > 0) & (v < 10)].min()
+        if pd.notna(small):
+            return int(min(8, max(2, 2 - math.floor(math.log10(small)))))
     if key.startswith(dirs.LOWER_FAMILIES) or lf in ("params_b",) or dirs.is_time_like(key):
         return 2
     if dirs.is_fraction_metric(key) or dirs.is_score(lf):
@@ -116,6 +123,7 @@ def blocks(result, max_rows: int | None = None, images: list[str] | None = None)
     max_rows = max_rows or spec.max_rows
     out: list = [Heading(1, spec.title or _title(result))]
     out.append(Para(_scope_line(result)))
+    out += _settings_blocks(result)
     t = result.tables
     if "summary" in t:
         out += _summary_blocks(result, t["summary"], t["summary_tasks"], max_rows)
@@ -125,10 +133,31 @@ def blocks(result, max_rows: int | None = None, images: list[str] | None = None)
         out += _ranking_blocks(result, t["ranking"], t.get("ranking_delta"),
                                t.get("ranking_lists"), max_rows)
     out += _pareto_blocks(result, t.get("pareto"), images or [])
-    notes = _method_notes(result) + list(result.notes)
+    notes = _method_notes(result) + [n for n in result.notes if not n.startswith(FLAG)]
     if notes:
         out += [Heading(2, "Notes"), Items("", notes)]
     return out
+
+
+FLAG = "⚠"
+
+
+def _flag(result, run_id) -> str:
+    """`` ⚠`` after a run whose evaluation settings differ from its reference (see the block)."""
+    return f" {FLAG}" if run_id in result.setting_flags else ""
+
+
+def _settings_blocks(result) -> list:
+    flags = result.setting_flags
+    if not flags:
+        return []
+    t = result.tables["settings"]
+    rows = [[_c(f"{r.run} {FLAG}"), _c(r.differs), _c(r.reference)] for r in t.itertuples() if r.differs]
+    return [Heading(2, f"{FLAG} Evaluation settings differ"),
+            Para("These runs were scored with other evaluation settings than the run they are compared with "
+                 "(limit, few-shot, batch size, PPL seqlen or windows, lm-eval version), so their differences "
+                 "mix the model with the measurement. Rows marked " + FLAG + " below are these runs."),
+            Table(["Run", "Differs", "Compared with"], rows, ["l", "l", "l"])]
 
 
 def _title(result) -> str:
@@ -141,8 +170,12 @@ def _title(result) -> str:
 
 def _scope_line(result) -> str:
     spec, runs = result.spec, result.runset.runs
-    n = int(runs["in_scope"].astype(bool).sum())
-    bits = [f"{n} runs"]
+    scope = runs[runs["in_scope"].astype(bool)]
+    n = len(scope)
+    unfinished = scope["status"].astype("object").fillna("FINISHED")
+    unfinished = unfinished[unfinished != "FINISHED"].value_counts()
+    bits = [f"{n} runs" + (" (" + ", ".join(f"{c} {st}" for st, c in sorted(unfinished.items())) + ")"
+                           if len(unfinished) else "")]
     if spec.experiments:
         bits.append("experiment " + ", ".join(f"`{e}`" for e in spec.experiments))
     if spec.filter:
@@ -194,7 +227,7 @@ def _summary_blocks(result, summ: pd.DataFrame, per_task: pd.DataFrame, max_rows
     cols += ["Mean acc before", "Mean acc after", "Mean acc change %"]
     rows = []
     for _, r in summ.head(max_rows).iterrows():
-        row = ([_c(_s(r["family"]))] if fam else []) + [_c(_s(r["role"]))] + \
+        row = ([_c(_s(r["family"]))] if fam else []) + [_c(_s(r["role"]) + _flag(result, r["run_id"]))] + \
             ([_c(r["run"])] if dup else [])
         if show_params:
             row.append(_c(fmt(r["params_b"], 2)))
@@ -220,7 +253,7 @@ def _summary_blocks(result, summ: pd.DataFrame, per_task: pd.DataFrame, max_rows
                 ["Before", "After", "Change"]
             rows = []
             for _, r in g.head(max_rows).iterrows():
-                rows.append(([_c(_s(r["family"]))] if fam else []) + [_c(_s(r["role"]))]
+                rows.append(([_c(_s(r["family"]))] if fam else []) + [_c(_s(r["role"]) + _flag(result, r["run_id"]))]
                             + ([_c(r["run"])] if dup else [])
                             + [_c(fmt(r["before"], 4)), _c(fmt(r["after"], 4)),
                                _tone_cell(fmt(r["change"], 4, sign=True),
@@ -256,6 +289,8 @@ def _versus_blocks(result, vs: pd.DataFrame, summ: pd.DataFrame, max_rows: int):
     for cid in cands[:limit]:
         g = vs[vs["candidate_id"] == cid]
         out.append(Heading(3, f"{g['candidate'].iloc[0]} vs {g['baseline'].iloc[0]}"))
+        if cid in result.setting_flags:
+            out.append(Para(f"{FLAG} Scored with other settings: {result.setting_flags[cid]}."))
         rows = []
         for _, r in g.iterrows():
             pts = r["unit"] == "pts"
@@ -331,7 +366,7 @@ def _ranking_blocks(result, rk: pd.DataFrame, delta, lists, max_rows: int):
         names = dict(zip(g["run_id"], g["run"], strict=True))
         rows = []
         for rid in run_order:
-            row = [_c(names[rid])]
+            row = [_c(names[rid] + _flag(result, rid))]
             for k in keys:
                 hit = cells.get((rid, k))
                 if hit is None or pd.isna(hit[0]):
@@ -340,8 +375,23 @@ def _ranking_blocks(result, rk: pd.DataFrame, delta, lists, max_rows: int):
                 v, medal, worst = hit
                 row.append(Cell(fmt(v, dec[k]), medal or ("worst" if worst else None)))
             rows.append(row)
-        cols = ["Run"] + [f"{dirs.leaf(k)} {ARROW[d(k)]}".strip() for k in keys]
+        cs = result.common.get(bench)
+        on_common = cs is not None and cs.applied
+
+        def head(k, cs=cs, on_common=on_common):
+            text = f"{dirs.leaf(k)} {ARROW[d(k)]}".strip()
+            if on_common and dirs.leaf(k) in COMMON_TIME_METRICS:
+                text += f" (on {len(cs.problems)} common)"
+            return text
+
+        cols = ["Run"] + [head(k) for k in keys]
         out.append(Table(cols, rows, ["l"] + ["r"] * len(keys)))
+        if on_common and any(dirs.leaf(k) in COMMON_TIME_METRICS for k in keys):
+            out.append(Para(
+                f"Run times ({', '.join(COMMON_TIME_METRICS)}) compare the {len(cs.problems)} "
+                f"problems that all {len(cs.runs)} runs solved (of {cs.total} seen), so a run "
+                "that solves only easy problems cannot look fast; the other columns count "
+                "every problem."))
         if n_runs > len(run_order):
             out.append(Para(f"… {n_runs - len(run_order)} more runs in ranking.csv "
                             "(shown: best ranks)"))
@@ -352,7 +402,9 @@ def _ranking_blocks(result, rk: pd.DataFrame, delta, lists, max_rows: int):
         overall = lists[lists["benchmark"] == "*"]
         if len(overall):
             out.append(Heading(3, "Across benchmarks"))
-            out.append(Items(overall["category"].iloc[0].capitalize(), list(overall["run"])))
+            out.append(Items(overall["category"].iloc[0].capitalize(),
+                             [name + _flag(result, rid) for name, rid in zip(overall["run"], overall["run_id"],
+                                                                             strict=True)]))
     return out
 
 
@@ -380,7 +432,7 @@ def _delta_blocks(result, bench, keys, dg: pd.DataFrame, lists, max_rows: int, d
     bnames = dict(zip(dg["run_id"], dg["baseline"], strict=True))
     rows = []
     for rid in run_order:
-        row = [_c(names[rid])] + ([_c(_s(bnames[rid]))] if per_family else [])
+        row = [_c(names[rid] + _flag(result, rid))] + ([_c(_s(bnames[rid]))] if per_family else [])
         for k in keys:
             hit = cells.get((rid, k))
             if hit is None:
@@ -403,7 +455,8 @@ def _delta_blocks(result, bench, keys, dg: pd.DataFrame, lists, max_rows: int, d
     if lists is not None and len(lists):
         lg = lists[lists["benchmark"] == bench]
         for cat in _category_order(lg["category"].unique()):
-            runs = list(lg.loc[lg["category"] == cat, "run"])
+            sel = lg[lg["category"] == cat]
+            runs = [name + _flag(result, rid) for name, rid in zip(sel["run"], sel["run_id"], strict=True)]
             more = f" — first {max_rows}" if len(runs) > max_rows else ""
             out.append(Items(f"{cat[0].upper()}{cat[1:]} ({len(runs)}){more}", runs[:max_rows]))
     return out

@@ -8,6 +8,7 @@ from mlproject.errors import UserError
 
 VIEWS = ("summary", "versus", "ranking")
 FORMATS = ("md", "csv", "json", "html", "png")
+STATUSES = ("FINISHED", "RUNNING", "FAILED", "KILLED", "SCHEDULED")
 
 
 def split_list(value) -> tuple[str, ...]:
@@ -36,6 +37,10 @@ class CompareSpec:
         prefixes (``ppl``). Empty: task scores, ``avg_acc``, ``ppl/*`` and directed metrics.
     directions [directions]: overrides such as ``avg_time=min,novelty=max``.
     formats [format]: any of md, csv, json, html, png.
+    statuses [status]: run statuses compared (default FINISHED only: a RUNNING run may be
+        dead or half-measured, a FAILED one incomplete); ``all`` for every status. Runs
+        listed by id in ``runs`` are compared whatever their status. Labels show any status
+        other than FINISHED.
     max_rows: rows per table (and versus sections) shown in Markdown/HTML; CSV/JSON are full.
     page_size: runs per ``runs/search`` page (the server allows at most 50,000).
     parallel: page requests in flight at once after the first page (1 = one by one).
@@ -49,6 +54,7 @@ class CompareSpec:
     metrics: tuple[str, ...] = ()
     directions: dict[str, str] = field(default_factory=dict)
     formats: tuple[str, ...] = FORMATS
+    statuses: tuple[str, ...] = ("FINISHED",)
     max_rows: int = 200
     page_size: int = 2_500
     parallel: int = 4
@@ -72,6 +78,13 @@ class CompareSpec:
             if f.lower() not in FORMATS:
                 raise UserError(f"unknown format {f!r}: choose from {', '.join(FORMATS)}")
         self.formats = tuple(dict.fromkeys(f.lower() for f in self.formats))
+        statuses = tuple(x.upper() for x in split_list(self.statuses)) or ("FINISHED",)
+        if "ALL" in statuses:
+            statuses = STATUSES
+        for st in statuses:
+            if st not in STATUSES:
+                raise UserError(f"unknown run status {st!r}: choose from {', '.join(STATUSES)}, all")
+        self.statuses = tuple(dict.fromkeys(statuses))
         self.directions = parse_overrides(self.directions)
         if self.max_rows < 1:
             raise UserError(f"max_rows must be positive, got {self.max_rows}")
@@ -84,10 +97,11 @@ class CompareSpec:
     def from_params(cls, experiment: str = "", runs: str = "", filter: str = "",  # noqa: A002
                     baseline: str = "", view: str = "all", metrics: str = "",
                     directions: str = "", format: str = "md,csv,json,html,png",  # noqa: A002
-                    **extra) -> CompareSpec:
+                    status: str = "FINISHED", **extra) -> CompareSpec:
         """From the MLproject parameter names (all strings, comma-separated lists)."""
         return cls(experiments=experiment, runs=runs, filter=filter, baseline=baseline,
-                   view=view, metrics=metrics, directions=directions, formats=format, **extra)
+                   view=view, metrics=metrics, directions=directions, formats=format,
+                   statuses=status, **extra)
 
     @property
     def all_views(self) -> bool:

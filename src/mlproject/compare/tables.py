@@ -59,6 +59,11 @@ def run_labels(runs: pd.DataFrame) -> pd.Series:
                                                     pd.Series(runs.index.str[:8], index=runs.index))
     dup = names.duplicated(keep=False)
     names = names.where(~dup, names + " (" + runs.index.str[:6] + ")")
+    if "status" in runs:
+        # A run that did not finish is never shown as if it had (a RUNNING run left by a
+        # killed process must not look like a medal winner).
+        status = runs["status"].astype("object").fillna("FINISHED")
+        names = names.where(status.isin(["FINISHED", "", None]), names + " [" + status.astype(str) + "]")
     return names.astype(str)
 
 
@@ -764,6 +769,68 @@ def _map(s: pd.Series, fn) -> pd.Series:
     return s.map({k: fn(k) for k in s.dropna().unique()})
 
 
+# ----------------------------------------------------------------------------- code tasks
+
+#: Time metrics of code tasks recomputed on the problems every compared run solved.
+COMMON_TIME_METRICS = {"avg_time_s": "time_s", "time_ratio": "time_ratio"}
+
+
+@dataclass
+class CommonSet:
+    """For one code task: the problems every compared run solved (and timed)."""
+
+    task: str
+    runs: list[str]
+    problems: list[str]
+    total: int            # distinct problems seen across the runs
+    missing: list[str]    # runs without per-problem results (then: no common set)
+
+    @property
+    def applied(self) -> bool:
+        return not self.missing
+
+
+def common_problem_metrics(runs: pd.DataFrame, metrics: pd.DataFrame,
+                           problems: pd.DataFrame | None) -> tuple[pd.DataFrame, dict[str, CommonSet]]:
+    """Code tasks' ``avg_time_s`` / ``time_ratio`` recomputed per run over the problems that
+    *every* in-scope run with that task solved and timed, so a model solving only the easy
+    problems cannot win on speed. ``avg_time_s`` = mean seconds, ``time_ratio`` = geometric
+    mean of candidate / reference, as the evaluation defines them. Where a run lacks its
+    per-problem results, that task keeps the logged values (and says so)."""
+    if problems is None:
+        return metrics, {}
+    out = metrics.copy()
+    info: dict[str, CommonSet] = {}
+    scope = runs.index[runs["in_scope"].astype(bool)]
+    tasks = sorted({c.rsplit("/", 1)[0] for c in metrics.columns if c.endswith("/timed")
+                    and not dirs.is_reserved(c)})
+    for task in tasks:
+        members = [r for r in scope if pd.notna(metrics.at[r, f"{task}/timed"])]
+        if not members:
+            continue
+        pt = problems[(problems["task"] == task) & problems["run_id"].isin(members)]
+        have = set(pt["run_id"])
+        missing = [r for r in members if r not in have]
+        timed = pt[pt["time_s"].notna()]
+        counts = timed.groupby("problem")["run_id"].nunique()
+        common = sorted(counts.index[counts == len(members)]) if not missing else []
+        info[task] = CommonSet(task, members, common, int(pt["problem"].nunique()), missing)
+        if missing:
+            continue
+        sel = timed[timed["problem"].isin(common)]
+        for metric, col in COMMON_TIME_METRICS.items():
+            key = f"{task}/{metric}"
+            if key not in out:
+                continue
+            if metric == "time_ratio":  # ratios multiply: geometric mean
+                vals = np.log(sel[col].where(sel[col] > 0)).groupby(sel["run_id"]).mean()
+                vals = np.exp(vals)
+            else:
+                vals = sel.groupby("run_id")[col].mean()
+            out.loc[members, key] = vals.reindex(members).to_numpy(dtype="float64")
+    return out, info
+
+
 # ----------------------------------------------------------------------------- pareto
 
 def pareto_front(x: pd.Series, y: pd.Series, x_dir: str, y_dir: str) -> pd.Series:
@@ -797,3 +864,61 @@ def pareto_table(runs: pd.DataFrame, metrics: pd.DataFrame, scores: Scores) -> p
         df["front_acc_size"] = pareto_front(df["params_b"], df["acc"], LOWER, HIGHER)
     df = df[df["acc"].notna()]
     return df.reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------- settings
+
+SETTINGS_COLUMNS = ["run_id", "run", "reference", "differs"]
+SETTING_LABELS = {"limit": "limit", "num_fewshot": "num_fewshot", "batch_size": "batch size",
+                  "seqlen": "seqlen", "ppl_windows": "PPL windows", "lm_eval": "lm-eval"}
+
+
+def _setting_value(v) -> str | None:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    s = str(v).strip()
+    return None if s in ("", "nan", "None") else s
+
+
+def settings_check(runs: pd.DataFrame, metrics: pd.DataFrame, base: Baseline | None = None) -> pd.DataFrame:
+    """Evaluation settings (``setting:*`` columns: limit, num_fewshot, batch size, PPL seqlen and
+    windows, lm-eval version) of each in-scope run with numbers, against its reference: its
+    baseline run (``baseline=`` one run or ``role:``), else the most common value among the runs.
+    ``differs`` lists ``(setting, value, reference value)`` where both are known and differ;
+    runs whose numbers cannot be compared with the others' show up here. One row per run."""
+    from mlproject.compare.query import SETTING_PREFIX
+
+    cols = [c for c in runs.columns if c.startswith(SETTING_PREFIX)]
+    scored = [c for c in metrics.columns if c == "avg_acc" or c.startswith("ppl/")
+              or (dirs.group(c) and dirs.is_score(dirs.leaf(c)) and not dirs.is_reserved(c))]
+    has = metrics[scored].notna().any(axis=1) if scored else pd.Series(False, index=metrics.index)
+    scope = runs.index[runs["in_scope"].astype(bool) & has.reindex(runs.index, fill_value=False)]
+    if not cols or not len(scope):
+        return pd.DataFrame(columns=SETTINGS_COLUMNS)
+    values = runs[cols].astype(object).apply(lambda col: col.map(_setting_value))
+    modal = {}
+    for c in cols:
+        present = list(values.loc[scope, c].dropna())
+        # the most common value; on a tie, the one the earliest run has
+        modal[c] = max(dict.fromkeys(present), key=lambda v, p=present: (p.count(v), -p.index(v))) \
+            if present else None
+    labels = run_labels(runs)
+    rows = []
+    for rid in scope:
+        ref_id = base.per_run.get(rid) if base is not None and base.mode in ("run", "family") else None
+        ref_id = ref_id if isinstance(ref_id, str) and ref_id in values.index and ref_id != rid else None
+        differs = []
+        for c in cols:
+            mine = values.at[rid, c]
+            ref = values.at[ref_id, c] if ref_id else modal[c]
+            if mine is not None and ref is not None and mine != ref:
+                differs.append((SETTING_LABELS.get(c[len(SETTING_PREFIX):], c[len(SETTING_PREFIX):]), mine, ref))
+        rows.append({"run_id": rid, "run": labels[rid],
+                     "reference": labels[ref_id] if ref_id else "most runs", "differs": differs_text(differs),
+                     **{c[len(SETTING_PREFIX):]: values.at[rid, c] for c in cols}})
+    return pd.DataFrame(rows)
+
+
+def differs_text(differs) -> str:
+    """``limit 20 (vs all), lm-eval 0.4.9 (vs 0.4.13)``."""
+    return ", ".join(f"{name} {mine} (vs {ref})" for name, mine, ref in (differs or []))

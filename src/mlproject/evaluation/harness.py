@@ -18,8 +18,10 @@ from mlproject.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# The accuracy-like metric a task contributes to avg_acc: the first one it reports.
-PREFERRED_METRICS = ("acc_norm", "acc", "math_verify", "exact_match", "f1", "em", "mc2", "mc1")
+# The accuracy-like metric a task contributes to avg_acc: the first one it reports. A code
+# task (humaneval, mbpp, code_offline …) reports only pass_at_k, and counts with pass_at_1.
+PREFERRED_METRICS = ("acc_norm", "acc", "math_verify", "exact_match", "f1", "em", "mc2", "mc1",
+                     "pass_at_1")
 # For metrics reported under several filters: flexible-extract beats strict-match.
 PREFERRED_FILTERS = ("none", "flexible-extract", "strict-match")
 
@@ -63,9 +65,9 @@ def task_manager(with_defaults: bool = True):
 
 
 def task_manager_for(tasks: list[str]):
-    from mlproject.evaluation.tasks import OFFLINE_TASKS
+    from mlproject.evaluation.tasks import BUNDLED_TASKS
 
-    return task_manager(with_defaults=not set(tasks) <= set(OFFLINE_TASKS))
+    return task_manager(with_defaults=not set(tasks) <= set(BUNDLED_TASKS))
 
 
 def validate_tasks(tasks: list[str]) -> None:
@@ -87,7 +89,7 @@ def validate_tasks(tasks: list[str]) -> None:
 
 def parse_limit(value: str | float | int | None) -> int | float | None:
     """'' / 0 / None -> all documents; '0.2' -> 20% of each task; '50' -> 50 documents."""
-    if value in (None, "", "none", 0, "0"):
+    if value in (None, "", "none", "all", 0, "0"):
         return None
     try:
         number = float(value)
@@ -121,6 +123,7 @@ class HarnessResult:
     metrics: dict[str, float]  # <task>/<metric> -> value, stderr included
     avg_acc: float | None
     avg_metrics: dict[str, str]  # task -> metric key used for avg_acc
+    code: Any = None  # code.lmeval.CodeRun when code tasks ran (per-problem records, gates)
     # with log_samples: {task: [{"doc_id": i, "filter": f, <metric>: per-document value, …}]}
     samples: dict[str, list[dict[str, Any]]] | None = None
 
@@ -135,17 +138,79 @@ def run_tasks(
     batch_size: int | str = 8,
     seed: int = 42,
     apply_chat_template: bool = False,
+    code=None,
     samples: dict[str, list[int]] | None = None,
     log_samples: bool = False,
 ) -> HarnessResult:
     """Run lm-eval on an already loaded model (loaded once, shared with PPL).
 
     ``samples``: explicit document indices per (leaf) task instead of ``limit`` (the search
-    scores nested random subsets); ``log_samples``: keep each document's metric values."""
-    import lm_eval
+    scores nested random subsets); ``log_samples``: keep each document's metric values.
+
+    Code tasks (``evaluation.code.tasks``) go through ``evaluation.code.lmeval``: lm-eval
+    generates, mlproject's sandbox runs the programs (``code``: a ``CodeSettings``).
+
+    Under a distributed launch this is lm-eval's data-parallel mode: every rank holds its own
+    copy of the model, scores every ``world_size``-th document of each task, and lm-eval gathers
+    the per-document results on rank 0 before aggregating; the aggregate is then sent to every
+    rank, so all ranks return the same numbers. (Code tasks run in one process only.)
+    """
     from lm_eval.models.huggingface import HFLM
 
+    from mlproject import distributed
+    from mlproject.evaluation.code.tasks import is_code_task
+    from mlproject.progress import route_tqdm
+
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    code_tasks = [t for t in tasks if is_code_task(t)]
+    if distributed.active():
+        if code_tasks:
+            raise UserError(f"code tasks ({', '.join(code_tasks)}) run in one process; evaluate them with nproc=1")
+        _data_parallel(lm)
+    other = [t for t in tasks if t not in code_tasks]
+    raw: dict = {}
+    per_doc = None
+    code_run = None
+    # lm-eval draws its own tqdm bars (building contexts, tokenizing, the request loops: most of
+    # an evaluation's time); routed, they show as our bars in a terminal and as log lines with
+    # an ETA elsewhere.
+    with route_tqdm(*LM_EVAL_TQDM_MODULES, prefix="lm-eval: ", default="building requests"):
+        if other:
+            raw, per_doc = _run_lm_eval(lm, other, limit=limit, num_fewshot=num_fewshot, seed=seed,
+                                        apply_chat_template=apply_chat_template, samples=samples,
+                                        log_samples=log_samples)
+        if code_tasks:
+            from mlproject.evaluation.code.lmeval import run_code_tasks
+            from mlproject.evaluation.code.scoring import CodeSettings
+
+            code_run = run_code_tasks(lm, code_tasks, settings=code or CodeSettings(),
+                                      task_manager=task_manager_for(tasks), limit=limit,
+                                      num_fewshot=num_fewshot, seed=seed,
+                                      apply_chat_template=apply_chat_template)
+            raw = _merge(raw, serializable(code_run.raw))
+    metrics = flatten_metrics(raw.get("results", {}))
+    avg, chosen = mean_accuracy(raw.get("results", {}), tasks)
+    return HarnessResult(raw=raw, metrics=metrics, avg_acc=avg, avg_metrics=chosen, code=code_run,
+                         samples=per_doc)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    """Two lm-eval results JSONs as one: per-task tables joined, a's scalars kept."""
+    out = dict(b)
+    out.update({k: v for k, v in a.items() if not isinstance(v, dict)})
+    for k in set(a) | set(b):
+        if isinstance(a.get(k), dict) or isinstance(b.get(k), dict):
+            out[k] = {**(a.get(k) or {}), **(b.get(k) or {})}
+    return out
+
+
+def _run_lm_eval(lm, tasks: list[str], *, limit, num_fewshot, seed, apply_chat_template,
+                 samples=None, log_samples=False) -> tuple[dict, dict | None]:
+    """lm-eval's results JSON, and with ``log_samples`` the per-document numbers per task."""
+    import lm_eval
+
+    from mlproject import distributed
+
     results = lm_eval.simple_evaluate(
         model=lm,
         tasks=tasks,
@@ -163,13 +228,11 @@ def run_tasks(
         torch_random_seed=seed,
         fewshot_random_seed=seed,
     )
-    raw = serializable(dict(results))
-    metrics = flatten_metrics(raw.get("results", {}))
-    avg, chosen = mean_accuracy(raw.get("results", {}), tasks)
     per_doc = None
-    if log_samples:
+    if results is not None and log_samples:
         per_doc = {task: [_numeric_sample(s) for s in rows] for task, rows in (results.get("samples") or {}).items()}
-    return HarnessResult(raw=raw, metrics=metrics, avg_acc=avg, avg_metrics=chosen, samples=per_doc)
+    # lm-eval returns the results on rank 0 only.
+    return distributed.broadcast_object((serializable(dict(results)), per_doc) if results is not None else None)
 
 
 def _numeric_sample(sample: dict) -> dict[str, Any]:
@@ -183,9 +246,57 @@ def _numeric_sample(sample: dict) -> dict[str, Any]:
     return out
 
 
+class _Collectives:
+    """The three things lm-eval's HFLM asks of ``self.accelerator`` in data-parallel mode, on the
+    launch's process group (any backend: gloo on CPU, NCCL on GPUs)."""
+
+    def gather(self, tensor):
+        """Every rank's ``tensor`` concatenated along dim 0 (a 0-d tensor counts as shape [1])."""
+        import torch
+        import torch.distributed as dist
+
+        t = tensor.reshape(1) if tensor.ndim == 0 else tensor.contiguous()
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t)
+        return torch.cat(parts)
+
+    def wait_for_everyone(self) -> None:
+        from mlproject import distributed
+
+        distributed.barrier()
+
+    def unwrap_model(self, model):
+        return model
+
+
+def _data_parallel(lm) -> None:
+    """Switch an HFLM built around a model object to lm-eval's data-parallel mode.
+
+    HFLM enables that mode only when it loads the model itself from a name on several GPUs
+    (``gpus > 1``; never on CPU), and for a model object it logs "assuming single-process call
+    to evaluate() or custom distributed integration" and sets rank 0 of 1: every rank would
+    then score every document. This is that custom integration: the rank and world size of the
+    launch (the *global* rank: HFLM's own uses accelerate's local process index, which repeats
+    on every node) and collectives on the launch's process group.
+    """
+    from mlproject import distributed
+
+    distributed.init()
+    lm._rank = distributed.rank()
+    lm._world_size = distributed.world_size()
+    lm.accelerator = _Collectives()
+    log.info("lm-eval data-parallel: rank %d of %d", lm._rank, lm._world_size)
+
+
+#: Modules whose module-level ``tqdm`` lm-eval uses with HF models: api.task (building
+#: contexts), api.model (tokenizing), models.huggingface (loglikelihood / generate_until).
+LM_EVAL_TQDM_MODULES = ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.models.huggingface")
+
+
 def serializable(results: dict) -> dict:
     keep = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot",
-            "higher_is_better", "n-samples", "config", "git_hash", "date", "total_evaluation_time_seconds")
+            "higher_is_better", "n-samples", "config", "git_hash", "date", "total_evaluation_time_seconds",
+            "mlproject_code")
     import json
 
     return json.loads(json.dumps({k: results[k] for k in keep if k in results}, default=str))
@@ -202,12 +313,17 @@ def metric_name(task: str, key: str) -> str:
     return f"{task}/{metric}" if filt == "none" else f"{task}/{metric}.{filt}"
 
 
+#: Keys of lm-eval's per-task results that describe the run, not the model: ``sample_len`` is
+#: the number of documents scored (in ``n-samples`` and the logged datasets, not a metric).
+NOT_SCORES = frozenset({"alias", "name", "sample_len", "sample_count", "samples"})
+
+
 def flatten_metrics(task_results: dict[str, dict[str, Any]]) -> dict[str, float]:
     """Every numeric task/group metric, stderr included, under its MLflow name."""
     out: dict[str, float] = {}
     for task, values in task_results.items():
         for key, value in values.items():
-            if key == "alias" or isinstance(value, (str, bool)) or value is None:
+            if key in NOT_SCORES or isinstance(value, (str, bool)) or value is None:
                 continue
             try:
                 v = float(value)

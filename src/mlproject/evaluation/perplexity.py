@@ -39,17 +39,28 @@ def check_dataset(spec: str) -> str | None:
         return spec
     path = Path(spec).expanduser()
     if path.is_file():
-        return path.stem
+        from mlproject.redaction import redact
+
+        # The name becomes metric names (ppl/<name>) and printed lines: no secret from a
+        # signed-URL-like file name (…?token=…) may pass through it.
+        return redact(path.stem)
     raise UserError(
         f"unknown ppl_dataset {spec!r}: use {', '.join(BUILTIN_DATASETS)}, none, or a text file path"
     )
 
 
-def load_text(spec: str) -> str:
+def text_path(spec: str) -> Path:
+    """The file behind a local PPL text (``offline``: the bundled one)."""
     if spec == "offline":
         import importlib.resources
 
-        return importlib.resources.files("mlproject.evaluation").joinpath("data/offline_ppl.txt").read_text()
+        return Path(str(importlib.resources.files("mlproject.evaluation").joinpath("data/offline_ppl.txt")))
+    return Path(spec).expanduser().resolve()
+
+
+def load_text(spec: str) -> str:
+    if spec == "offline":
+        return text_path(spec).read_text()
     if spec == "wikitext2":
         from datasets import load_dataset
 
@@ -84,9 +95,16 @@ def perplexity(
     dataset: str = "text",
     on_batch: Callable[[int], None] | None = None,
     max_windows: int = 0,
+    shard: tuple[int, int] = (0, 1),
+    reduce_sum: Callable[[list[float]], list[float]] | None = None,
 ) -> PPLResult:
     """Score `ids` (1-D tensor of token ids) in windows of `seqlen`, `batch_size` at a time;
-    `max_windows` > 0 scores only the first that many windows."""
+    `max_windows` > 0 scores only the first that many windows.
+
+    Data-parallel: ``shard=(rank, world_size)`` scores windows ``rank, rank + world_size, …`` of
+    the same window list and ``reduce_sum`` adds ``[nll_sum, tokens]`` over the ranks (float64),
+    so every rank returns the PPL of all windows (equal to one process's up to the order of the
+    float64 additions; each window is scored alone when ``batch_size`` is 1)."""
     ids = ids.reshape(-1)
     if ids.numel() < 2:
         raise UserError(f"ppl_dataset {dataset!r} has fewer than 2 tokens")
@@ -96,15 +114,20 @@ def perplexity(
     windows = make_windows(ids, seqlen)
     if max_windows > 0:
         windows = windows[:max_windows]
+    rank, world = shard
+    mine = windows[rank::world]
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
-    for start in range(0, windows.size(0), batch_size):
-        batch = windows[start : start + batch_size].to(device)
+    for start in range(0, mine.size(0), batch_size):
+        batch = mine[start : start + batch_size].to(device)
         nll, count = window_nll(model, batch)
         total_nll += nll
         total_tokens += count
         if on_batch:
             on_batch(batch.size(0))
+    if reduce_sum is not None:
+        total_nll, tokens = reduce_sum([total_nll, float(total_tokens)])
+        total_tokens = int(round(tokens))
     mean = total_nll / total_tokens
     return PPLResult(dataset=dataset, ppl=math.exp(mean), nll=mean, windows=windows.size(0),
                      tokens=total_tokens, seqlen=seqlen)

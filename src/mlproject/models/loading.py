@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -32,7 +31,9 @@ Fetch = Callable[[str], Path]
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("MLPROJECT_CACHE", Path.home() / ".cache" / "mlproject"))
+    from mlproject.paths import cache_root as root
+
+    return root()
 
 
 @dataclass
@@ -49,10 +50,16 @@ class LoadedModel:
 
 
 def pick_device(device: str = "auto") -> str:
+    """``auto`` is CUDA when there is a GPU, else CPU. Under torchrun / accelerate launch, ``auto``
+    and ``cuda`` mean this process's GPU, ``cuda:<LOCAL_RANK>`` (one model copy per GPU)."""
     import torch
 
+    from mlproject import distributed
+
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and distributed.active() and torch.cuda.is_available():
+        return f"cuda:{distributed.local_rank()}"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device {device!r} requested but CUDA is not available on this machine")
     if not (device == "cpu" or device.startswith("cuda") or device == "mps"):
@@ -107,17 +114,28 @@ def converted_gguf_dir(ref: ModelRef) -> Path:
         log.info("converting %s to a Hugging Face checkpoint (once) in %s", src.name, out)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-        gguf_model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name)
-        config = gguf_model.config
-        # A GGUF-loaded model refuses save_pretrained; rebuild it as a plain model.
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        plain = AutoModelForCausalLM.from_config(config)
-        plain.load_state_dict(gguf_model.state_dict())
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp"))
-        plain.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        from mlproject.progress import phase, route_tqdm
+
+        # transformers dequantizes the GGUF tensors under its own tqdm bar: routed here.
+        with phase(f"converting {src.name} (once)") as step, \
+                route_tqdm("transformers.modeling_gguf_pytorch_utils", prefix="gguf: ", transformers=True):
+            step.update(postfix="tokenizer")
+            tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+            step.update(postfix="weights")
+            gguf_model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name)
+            config = gguf_model.config
+            # A GGUF-loaded model refuses save_pretrained; rebuild it as a plain model.
+            if hasattr(config, "quantization_config"):
+                del config.quantization_config
+            step.update(postfix="saving")
+            plain = AutoModelForCausalLM.from_config(config)
+            plain.load_state_dict(gguf_model.state_dict())
+            from mlproject.paths import shared_mkdtemp
+
+            # Not tempfile.mkdtemp: its 0700 would make a shared cache unreadable to the others.
+            tmp = shared_mkdtemp(out.parent, out.name + ".tmp")
+            plain.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
         (tmp / META_FILE).write_text(json.dumps({
             "base_model": ref.alias, "family": ref.family, "instruct": ref.instruct,
             "source": f"{ref.gguf[0]}:{ref.gguf[1]}",
@@ -193,14 +211,19 @@ def load_model(
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": device}
     log.info("loading %s (%s, %s) from %s", ref.raw, device, torch_dtype, source)
-    try:
-        if local is not None and _is_nonuniform_pruned(local):
-            from mlproject.compression.prune import load_pruned_model
+    from mlproject.progress import phase, route_tqdm
 
-            model = load_pruned_model(local, dtype=torch_dtype)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    try:
+        # A 7B checkpoint takes minutes to read on CPU: a phase with heartbeat lines, and
+        # transformers' own "Loading weights" bar routed to ours.
+        with phase(f"loading {ref.label}"), route_tqdm(prefix=f"{ref.label}: ", transformers=True):
+            if local is not None and _is_nonuniform_pruned(local):
+                from mlproject.compression.prune import load_pruned_model
+
+                model = load_pruned_model(local, dtype=torch_dtype)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as exc:
         if ref.kind == "hub" or ref.kind == "alias":
             raise UserError(f"cannot load {ref.raw!r} from the Hugging Face hub: {exc}".splitlines()[0]) from exc
@@ -294,6 +317,19 @@ def peek_config(ref: ModelRef, fetch: Fetch | None = None):
         return None
 
 
+def estimate_params(ref: ModelRef, fetch: Fetch | None = None) -> int | None:
+    """Parameters of the model behind ``ref`` without loading weights: counted on a weightless
+    model built from its config when that is cheap to read (``peek_config``), else the alias
+    table's ``params_b``; None when neither is known."""
+    config = peek_config(ref, fetch)
+    if config is not None:
+        try:
+            return count_params(meta_model(config))
+        except Exception as exc:  # noqa: BLE001 - an architecture transformers cannot build weightless
+            log.debug("no meta model for %s: %s", ref.raw, exc)
+    return int(ref.params_b * 1e9) if ref.params_b else None
+
+
 def meta_model(config):
     """A weightless (meta-device) model built from `config`: shapes and dtypes, no memory."""
     import torch
@@ -313,6 +349,51 @@ def count_params(model) -> int:
         shape = getattr(getattr(p, "quant_state", None), "shape", None)
         total += math.prod(shape) if shape is not None else p.numel()
     return total
+
+
+def mlflow_flavor(model, tokenizer, out_dir: Path, source: str = "", base_path: str = "") -> dict:
+    """The ``transformers`` section of the ``MLmodel`` file for a model folder saved here, so that
+    ``mlflow.transformers.load_model`` loads it as MLflow's own flavor would (no second copy of
+    the weights): weights and config stay at the folder's root (``model_binary: "."``), the
+    tokenizer is also written where the flavor looks for it (``components/tokenizer``). A PEFT
+    adapter folder is the flavor's ``peft_adaptor`` (``"."``) on ``base_path`` (a hub id or local
+    directory: ``load_model(uri, base_model_path=…)`` takes another). ``source``: the hub id at
+    the root of the lineage, for the record. The keys are MLflow's MLmodel format."""
+    import transformers
+
+    out = Path(out_dir)
+    tokenizer.save_pretrained(out / "components" / "tokenizer")
+    peft = any(c.__name__ == "PeftModel" for c in type(model).__mro__)
+    base = model.get_base_model() if peft else model
+    flavor: dict[str, Any] = {
+        "task": "text-generation",
+        "instance_type": "TextGenerationPipeline",
+        "pipeline_model_type": type(base).__name__,
+        "source_model_name": source,
+        "components": ["tokenizer"],
+        "tokenizer_type": type(tokenizer).__name__,
+        "torch_dtype": str(getattr(base, "dtype", "")),
+        "transformers_version": transformers.__version__,
+        "code": None,
+    }
+    if peft:
+        flavor["peft_adaptor"] = "."
+        flavor["local_base_model_path"] = base_path
+    else:
+        flavor["model_binary"] = "."
+    return flavor
+
+
+def mlflow_base_path(reference: str) -> str:
+    """Where ``mlflow.transformers.load_model`` can load an adapter's base from: a hub id or a local
+    directory ("" for a runs:/ or models:/ base: pass ``base_model_path=`` when loading)."""
+    try:
+        ref = resolve(reference)
+    except UserError:
+        return ""
+    if ref.gguf:
+        return str(_converted_path(ref))
+    return ref.target if ref.kind in ("alias", "hub", "local") else ""
 
 
 def save_model_dir(loaded_model, tokenizer, out_dir: Path, **meta) -> Path:

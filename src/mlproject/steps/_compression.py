@@ -16,6 +16,7 @@ from mlproject.models import loading
 from mlproject.models.reference import ModelRef, alias_table, resolve
 from mlproject.steps import StepResult, common
 from mlproject.steps.evaluate import EvalOutcome, EvalPlan, evaluate_loaded, report
+from mlproject.steps.evaluate import describe as describe_run
 
 log = logging.getLogger(__name__)
 
@@ -85,21 +86,36 @@ def gguf_caveat(loaded: loading.LoadedModel) -> str:
             "comparable with published 4-bit figures.")
 
 
-def log_model(run: tracking.Run, loaded: loading.LoadedModel, ref: ModelRef) -> str:
-    """Save the (compressed) model with its lineage and log it as the run's `model` artifact."""
+def log_model(run: tracking.Run, loaded: loading.LoadedModel, ref: ModelRef, step: str = "") -> str:
+    """Save the (compressed) model with its lineage and log it as the run's MLflow model `model`
+    (transformers flavor; fetched by the next step as ``runs:/<run_id>/model``)."""
     upstream = ref.target if ref.kind == "local" else ref.raw
     with tempfile.TemporaryDirectory(prefix="mlproject-model-") as tmp:
         out = loading.save_model_dir(
             loaded.model, loaded.tokenizer, Path(tmp) / "model", base_model=loaded.base_model,
             family=loaded.family, instruct=loaded.instruct, run_id=run.run_id, kind="full", upstream=upstream,
         )
-        run.log_artifacts(out, "model")
+        flavor = loading.mlflow_flavor(loaded.model, loaded.tokenizer, out, source=source_model(loaded))
+        run.log_model_dir(out, "model", flavor=flavor, tags=model_tags(loaded, step, upstream))
     return run.model_uri("model")
+
+
+def source_model(loaded: loading.LoadedModel) -> str:
+    """The hub id at the root of the lineage (``smollm2`` → its hub id), for the MLmodel record."""
+    entry = alias_table().get(loaded.base_model or "") or {}
+    return entry.get("hf_id") or loaded.base_model or ""
+
+
+def model_tags(loaded: loading.LoadedModel, step: str, upstream: str) -> dict[str, str]:
+    """Tags of the MLflow model (the Models tab): where it comes from."""
+    return {f"{T}step": step, f"{T}base_model": loaded.base_model or "", f"{T}family": loaded.family or "",
+            f"{T}upstream": upstream}
 
 
 def finish(run: tracking.Run, *, step: str, title: str, loaded: loading.LoadedModel, plan: EvalPlan,
            evaluate: bool, report_params: dict, metrics: dict[str, float], section: tuple[str, str],
-           model_uri: str, memory: common.PeakMemory, key: str) -> StepResult:
+           model_uri: str, memory: common.PeakMemory, key: str, headline: str = "",
+           notes: tuple[str, ...] = ()) -> StepResult:
     """Evaluate (unless told not to), log the metrics and write report.md."""
     out = evaluate_loaded(loaded, plan, run) if evaluate else EvalOutcome()
     system = {**metrics, **memory.peak()}
@@ -111,5 +127,12 @@ def finish(run: tracking.Run, *, step: str, title: str, loaded: loading.LoadedMo
         body += "\n\nNot evaluated (evaluate=false); run `evaluate` on the model artifact later."
     md = report(title, run, step, report_params, plan, out, system, extra_sections={heading: body})
     run.log_text(md, "report.md")
+    caveat = gguf_caveat(loaded)
+    describe_run(run, headline or title, plan, out, {**out.metrics, **system}, evaluated=evaluate,
+                 settings={"dtype": str(loaded.model.dtype).removeprefix("torch."),
+                           "device": str(next(loaded.model.parameters()).device)},
+                 notes=(*notes, "Not evaluated (evaluate=false)." if not evaluate else "",
+                        "Caveat: the base is a Q4_1 GGUF (weights already on a 4-bit grid); see report.md."
+                        if caveat and step == "quantize" else ""))
     return StepResult(step=step, run_id=run.run_id, model_uri=model_uri, metrics={**out.metrics, **system},
                       key=key)

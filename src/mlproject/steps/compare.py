@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from mlproject import tracking
-from mlproject.config import CompareConfig
+from mlproject.config import CompareConfig, shown_value
 from mlproject.steps import StepResult
 
 
@@ -35,14 +35,21 @@ def run(cfg: CompareConfig, parent: tracking.Run | None = None) -> StepResult:
     experiment = spec.experiments[0] if spec.experiments else None
     if experiment and experiment.isdigit():
         experiment = tracking.experiment_name(experiment)
+    if experiment is None and spec.runs:
+        # Only runs named: record the comparison beside the first of them, never in an
+        # experiment the user did not name (the default one would be created for it).
+        experiment = tracking.experiment_name(tracking.run_experiment_id(spec.runs[0]))
     with tracking.step_run("compare", experiment=experiment, run_name=cfg.run_name or f"compare:{scope}",
                            log_env=False, parent=parent) as run:
-        run.log_params({"experiment": cfg.experiment, "runs": cfg.runs, "filter": cfg.filter,
-                        "baseline": cfg.baseline, "view": ",".join(spec.view),
-                        "metrics": cfg.metrics, "directions": cfg.directions,
-                        "format": ",".join(spec.formats)})
-        stats = {f"compare/{k}": v for k, v in result.stats.items() if isinstance(v, (int, float))}
+        run.log_params({**{k: shown_value(cfg, k) for k in ("experiment", "runs", "filter", "baseline", "metrics",
+                                                             "directions")},
+                        "view": ",".join(spec.view), "format": ",".join(spec.formats),
+                        "status": ",".join(spec.statuses)})
+        # Query statistics are bookkeeping: MLflow's system/ namespace, apart from model metrics.
+        stats = {f"{tracking.SYSTEM_PREFIX}compare/{k}": v for k, v in result.stats.items()
+                 if isinstance(v, (int, float))}
         run.log_metrics(stats)
+        run.set_description(_description(result, scope))
         with tempfile.TemporaryDirectory(prefix="mlproject-compare-") as tmp:
             paths = result.write(Path(tmp), spec.formats)
             run.log_artifacts(tmp)
@@ -51,3 +58,21 @@ def run(cfg: CompareConfig, parent: tracking.Run | None = None) -> StepResult:
         return StepResult(step="compare", run_id=run.run_id, metrics=stats,
                           text=markdown + f"\nrun_id: {run.run_id}\n",
                           details={"markdown": markdown, "files": [p.name for p in paths], "stats": result.stats})
+
+
+def _description(result, scope: str) -> str:
+    """The compare run's description: what was compared, mismatched settings, the verdicts."""
+    lines = [f"**compare** · {result.stats.get('runs', 0)} runs ({scope})"
+             + (f" · baseline {result.baseline.label}" if result.baseline is not None else "")]
+    flags = result.setting_flags
+    if flags:
+        lines.append("⚠ evaluation settings differ: " + "; ".join(
+            f"{r.run}: {r.differs}" for r in result.tables["settings"].itertuples() if r.differs))
+    vs = result.tables.get("versus_summary")
+    if vs is not None and len(vs):
+        for r in vs.itertuples():
+            unit = " pts" if r.unit == "pts" else ""
+            lines.append(f"{r.candidate}: {r.n_improved} of {r.n_tasks} tasks better, average change "
+                         f"{r.avg_delta:+.2f}{unit}" + (" ⚠" if r.candidate_id in flags else ""))
+    lines.append("Tables and plots: `compare.md` / `compare.html` (Artifacts tab).")
+    return "  \n".join(lines) + "\n"

@@ -68,7 +68,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from mlproject import tracking
+from mlproject import distributed, tracking
 from mlproject.config import FinetuneStepConfig
 from mlproject.errors import UserError
 from mlproject.models import loading
@@ -81,6 +81,7 @@ log = logging.getLogger(__name__)
 
 T = tracking.TAG_PREFIX
 RUN_ID_FILE = "mlflow_run_id.txt"
+FINAL_DIR = "final"  # under a distributed launch: the trainer's own save of the result
 DEFAULT_OUTPUT_ROOT = Path("outputs") / "finetune"
 # Settings that shape the trained weights: they name the default checkpoint folder. The
 # length of training (max_steps, epochs) is left out so a longer resume finds the folder.
@@ -137,6 +138,10 @@ class CurveLogger:
         self.last_step = 0
 
     def __call__(self, values: dict[str, float], step: int) -> None:
+        if not self.rows:
+            # the clock starts with the oldest unsent point, not at construction: building the
+            # trainer (tokenizing the data) must not force a flush of the very first step
+            self.last_flush = time.monotonic()
         self.rows.append((step, {f"train/{k}": v for k, v in values.items()}, int(time.time() * 1000)))
         if len(self.rows) >= self.every or time.monotonic() - self.last_flush >= self.seconds:
             self.flush()
@@ -192,6 +197,20 @@ def _resume_target(out: Path) -> str | None:
     return run_id
 
 
+def _reload_output(saved: Path, cfg: FinetuneStepConfig, device: str, base: str, quantized: bool) -> Any:
+    """The fine-tuned model as the trainer wrote it to ``saved``, loaded on every rank (one copy
+    per process, for the evaluation after training and the logged artifact)."""
+
+    def describe() -> None:  # what the folder holds, so the loader finds an adapter's base
+        if (saved / "adapter_config.json").is_file() and not (saved / "config.json").is_file():
+            loading.write_meta(saved, kind="adapter", base=base, quantization="nf4" if quantized else None)
+        else:
+            loading.write_meta(saved, kind="full")
+
+    distributed.on_main(describe)
+    return loading.load_model(resolve(str(saved)), dtype=cfg.dtype, device=device, fetch=tracking.download).model
+
+
 def _trainable_adapter(model: Any) -> None:
     """An adapter loaded for inference (runs:/<sft>/model) keeps training: unfreeze it."""
     for name in list(model.peft_config):
@@ -241,6 +260,11 @@ def check(cfg: FinetuneStepConfig, parent: tracking.Run | None = None, pending: 
         if importlib.util.find_spec("bitsandbytes") is None:
             raise UserError("finetuning=qlora needs bitsandbytes: pip install bitsandbytes")
     common.check_tracking(cfg.tracking_uri, ref, cfg.adapter, parent=parent, pending=pending)
+    if cfg.finetuning == "full":  # weights, gradients and two Adam moments
+        per, purpose = 4 * dtype.itemsize, "fine-tune every weight (weights, gradients, Adam states)"
+    else:
+        per, purpose = (0.5 if cfg.finetuning == "qlora" else None), "load"
+    common.check_model_sources(ref, cfg.adapter, device, dtype, pending, bytes_per_param=per, purpose=purpose)
     return ref, spec, plan, device, dtype
 
 
@@ -250,10 +274,12 @@ def run(cfg: FinetuneStepConfig, parent: tracking.Run | None = None, *,
 
     ``callbacks``: extra transformers ``TrainerCallback``s (tests, search pruning).
     """
+    common.check_launch(cfg)
     ref, spec, plan, device, _ = check(cfg, parent)
-    key = common.step_key("finetune", cfg)
+    world = distributed.world_size()
+    key = common.step_key("finetune", cfg, extra={"world_size": world})
     out_dir = checkpoint_dir(cfg, ref)
-    resume_id = _resume_target(out_dir) if cfg.resume else None
+    resume_id = distributed.on_main(_resume_target, out_dir) if cfg.resume else None
     data = tdata.load_training_data(spec, cfg.method)  # full load + row checks, still before the run
     ft = cfg.finetune_config(str(out_dir))
 
@@ -261,6 +287,9 @@ def run(cfg: FinetuneStepConfig, parent: tracking.Run | None = None, *,
         "model": cfg.model, "adapter": cfg.adapter or "none", "dataset": spec, "dataset_rows": len(data),
         "dataset_columns": ",".join(data.column_names),
         **{k: v for k, v in ft.to_params().items() if k != "resume"},
+        # What one optimizer step sees: per-device batch x processes x accumulation.
+        "world_size": world, "effective_batch_size": ft.train_batch_size * world * ft.grad_accum,
+        "distributed": distributed.kind(),
         "dtype": cfg.dtype, "device": device, "eval_before": cfg.eval_before, "eval_after": cfg.eval_after,
         **{k: v for k, v in plan.params().items() if k != "seed"},
     }
@@ -289,8 +318,9 @@ def _run_in(run: tracking.Run, cfg: FinetuneStepConfig, ref: ModelRef, plan: ev.
         run.set_tags({f"{T}resumed_after_step": skip})
         log.info("resuming run %s after logged step %d from %s", run.run_id, skip, out_dir)
     else:
-        _prepare_fresh_dir(out_dir, run.run_id, clear=not cfg.resume)
+        distributed.on_main(_prepare_fresh_dir, out_dir, run.run_id, clear=not cfg.resume)
     run.log_params(params)
+    run.log_datasets([tdata.input_spec(cfg.dataset_spec, data)])
     evaluating_before = cfg.eval_before and not before and (plan.tasks or plan.ppl_name)
 
     quantized = cfg.finetuning == "qlora"
@@ -318,9 +348,14 @@ def _run_in(run: tracking.Run, cfg: FinetuneStepConfig, ref: ModelRef, plan: ev.
                     "continued_adapter": continued})
 
     curves = CurveLogger(run)
+    # Under a distributed launch the trainer writes the result itself (gathering FSDP / ZeRO-3
+    # shards) and every rank continues with that output, reloaded: one code path for DDP and
+    # sharded training, and what is evaluated is exactly what is logged.
+    save_dir = out_dir / FINAL_DIR if distributed.active() else None
     try:
         result = trainer.train(model, loaded.tokenizer, data, ft, on_log=curves, output_dir=out_dir,
-                               callbacks=[curves.callback(), *(callbacks or [])], skip_logged_through=skip)
+                               callbacks=[curves.callback(), *(callbacks or [])], skip_logged_through=skip,
+                               save_dir=save_dir)
     except BaseException:
         # The steps up to a failure (a NaN loss included) stay in the run; a failing flush
         # must not hide the training error.
@@ -336,22 +371,41 @@ def _run_in(run: tracking.Run, cfg: FinetuneStepConfig, ref: ModelRef, plan: ev.
         summary["train/samples_per_second"] = result.summary["train_samples_per_second"]
     run.log_metrics(summary, step=step)
 
+    if result.saved_dir is not None:
+        base = base_reference(ref, loaded, continued)
+        model = loaded.model = result.model = None  # the training copy goes before the output loads
+        gc.collect()
+        _empty_cuda_cache()
+        result.model = _reload_output(result.saved_dir, cfg, device, base, quantized)
+
     # -- the output, logged as the run's `model` (and `adapter`) artifact
     four_bit = is_4bit(result.model)
     lineage = {"base_model": loaded.base_model, "family": loaded.family, "instruct": loaded.instruct,
                "run_id": run.run_id, "method": cfg.method, "source": cfg.model}
+    from mlproject.steps._compression import model_tags, source_model
+
+    base_ref = base_reference(ref, loaded, continued)
+    tags = {**model_tags(loaded, "finetune", cfg.model), f"{T}method": cfg.method, f"{T}finetuning": cfg.finetuning}
     with tempfile.TemporaryDirectory(prefix="mlproject-finetune-") as tmp:
-        saved = save_output(result.model, loaded.tokenizer, tmp, merge=cfg.merge)
+        # Every rank holds the same trained weights (DDP); only the run's owner writes them.
+        saved = save_output(result.model, loaded.tokenizer, tmp, merge=cfg.merge, write=run.records)
+        # Each folder becomes an MLflow model of the run (transformers flavor; an adapter as the
+        # flavor's PEFT adapter on its base), fetched as runs:/<run_id>/model (and /adapter).
+        adapter_flavor = None
         if saved.adapter_dir is not None:
-            loading.write_meta(saved.adapter_dir, kind="adapter", base=base_reference(ref, loaded, continued),
+            loading.write_meta(saved.adapter_dir, kind="adapter", base=base_ref,
                                quantization="nf4" if four_bit else None, **lineage)
+            adapter_flavor = loading.mlflow_flavor(result.model, loaded.tokenizer, saved.adapter_dir,
+                                                   source=source_model(loaded),
+                                                   base_path=loading.mlflow_base_path(base_ref))
         if saved.model_dir is not None:
             loading.write_meta(saved.model_dir, kind="full", merged=saved.adapter_dir is not None, **lineage)
-            run.log_artifacts(saved.model_dir, "model")
+            flavor = loading.mlflow_flavor(saved.model, loaded.tokenizer, saved.model_dir, source=source_model(loaded))
+            run.log_model_dir(saved.model_dir, "model", flavor=flavor, tags=tags)
             if saved.adapter_dir is not None:
-                run.log_artifacts(saved.adapter_dir, "adapter")
-        else:
-            run.log_artifacts(saved.adapter_dir, "model")
+                run.log_model_dir(saved.adapter_dir, "adapter", flavor=adapter_flavor, tags=tags)
+        elif saved.adapter_dir is not None:  # (neither on the other ranks of a launch: nothing written)
+            run.log_model_dir(saved.adapter_dir, "model", flavor=adapter_flavor, tags={**tags, f"{T}base": base_ref})
     final = saved.model
     final.eval()  # the trainer leaves it in train mode (LoRA dropout on)
 
@@ -375,6 +429,13 @@ def _run_in(run: tracking.Run, cfg: FinetuneStepConfig, ref: ModelRef, plan: ev.
                    {**system, **{k: v for k, v in summary.items() if not k.startswith("train/")}},
                    extra_sections=_report_sections(cfg, result, before, outcome, params))
     run.log_text(md, "report.md")
+    loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
+    ev.describe(run, f"finetune · {cfg.model} · {cfg.method} {cfg.finetuning}, {step} steps{loss}", plan, outcome,
+                {**outcome.metrics, **system, "train_seconds": result.train_seconds}, before=before or None,
+                evaluated=bool(outcome.metrics),
+                settings={"data": f"{params['dataset']} ({params['dataset_rows']} rows)", "lr": cfg.lr,
+                          "train batch": cfg.train_batch_size, "device": device},
+                notes=("Not evaluated after training (eval_after=false)." if not outcome.metrics else "",))
     return StepResult(step="finetune", run_id=run.run_id, model_uri=run.model_uri(), metrics=metrics, key=key,
                       details={"global_step": step, "final_loss": result.final_loss, "output_dir": str(out_dir)},
                       model=final)

@@ -48,6 +48,17 @@ def calibration_ids(tokenizer, text: str, samples: int, seqlen: int, seed: int):
     return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
 
 
+def calibration_spec(calibration: str, tokenizer, ids) -> dict:
+    """The calibration windows as a dataset spec for the run's inputs (context ``calibration``)."""
+    from mlproject.evaluation.perplexity import text_path
+
+    source = ({"kind": "hf", "path": "wikitext", "config_name": "wikitext-2-raw-v1", "split": "test"}
+              if calibration == "wikitext2" else {"kind": "file", "path": str(text_path(calibration))})
+    rows = [{"window": i, "text": t} for i, t in enumerate(tokenizer.batch_decode(ids))]
+    return {"name": f"calibration {calibration} ({ids.shape[0]} × {ids.shape[1]} tokens)", "context": "calibration",
+            "source": source, "rows": rows}
+
+
 def check(cfg: PruneStepConfig, parent: tracking.Run | None = None, pending: frozenset[str] = frozenset()):
     """Every cheap check, before a run or weights exist: values, server, architecture, layer
     shapes and whether the ratio is reachable. Returns (ref, device, torch dtype, plan)."""
@@ -55,6 +66,7 @@ def check(cfg: PruneStepConfig, parent: tracking.Run | None = None, pending: fro
     plan = plan_eval(cfg)
     pcfg = cfg.prune_config()
     common.check_tracking(cfg.tracking_uri, ref, cfg.adapter, parent=parent, pending=pending)
+    common.check_model_sources(ref, cfg.adapter, device, torch_dtype, pending)
     config = None if ref.run_id in pending else shared.peek_config(ref, "prune")
     if config is not None:
         meta = shared.meta_model(config)
@@ -96,6 +108,7 @@ def run(cfg: PruneStepConfig, parent: tracking.Run | None = None) -> StepResult:
                                   cfg.calibration_seqlen, cfg.seed)
             # (a key containing "token" would be redacted as a secret by tracking)
             run.log_params({"calibration.sequences": ids.shape[0], "calibration.seqlen": ids.shape[1]})
+            run.log_datasets([calibration_spec(cfg.calibration, loaded.tokenizer, ids)])
         start = time.perf_counter()
         rep = prune_lib.prune_model(loaded.model, pcfg, calibration_ids=ids)
         prune_seconds = time.perf_counter() - start
@@ -106,10 +119,11 @@ def run(cfg: PruneStepConfig, parent: tracking.Run | None = None) -> StepResult:
         metrics = {"params_b_before": rep.params_before / 1e9, "params_b": rep.params_after / 1e9,
                    "achieved_ratio": rep.achieved_ratio, "prune_seconds": prune_seconds,
                    "load_seconds": load_seconds, "model_size_mb_before": size_before,
-                   "model_size_mb": _size_mb(loaded.model),
-                   "prune/channels_removed": rep.channels_removed,
-                   "prune/kv_groups_removed": rep.kv_groups_removed}
-        model_uri = shared.log_model(run, loaded, ref)
+                   "model_size_mb": _size_mb(loaded.model)}
+        # counts that describe the pruned architecture: params, not scores
+        run.log_params({"prune.channels_removed": rep.channels_removed,
+                        "prune.kv_groups_removed": rep.kv_groups_removed})
+        model_uri = shared.log_model(run, loaded, ref, step="prune")
 
         first = rep.layer_sizes[rep.pruned_layers[0]] if rep.pruned_layers else {}
         body = [
@@ -137,10 +151,14 @@ def run(cfg: PruneStepConfig, parent: tracking.Run | None = None) -> StepResult:
                          "dtype": str(torch_dtype).removeprefix("torch."), "device": device, "seed": cfg.seed,
                          "calibration": (f"{cfg.calibration} ({ids.shape[0]} × {ids.shape[1]} tokens)"
                                          if activation else "N/A (magnitude)")}
+        note = (f"Removed {rep.achieved_ratio:.2%} of the parameters ({rep.params_before / 1e9:.4g} B → "
+                f"{rep.params_after / 1e9:.4g} B): {rep.channels_removed} MLP channels and {rep.kv_groups_removed} "
+                f"KV groups in each of {len(rep.pruned_layers)} layers.")
         return shared.finish(
             run, step="prune", title=f"prune: {ref.label} {cfg.targets} {cfg.ratio:g}", loaded=loaded, plan=plan,
             evaluate=cfg.evaluate, report_params=report_params, metrics=metrics,
             section=("Pruning", "\n\n".join(body)), model_uri=model_uri, memory=memory, key=key,
+            headline=f"prune · {cfg.model} · {cfg.targets} {cfg.ratio:g} ({cfg.importance})", notes=(note,),
         )
 
 

@@ -88,6 +88,9 @@ def check(cfg: QuantizeConfig, parent: tracking.Run | None = None, pending: froz
     if not rtn:
         _check_bnb_installed()
     common.check_tracking(cfg.tracking_uri, ref, cfg.adapter, parent=parent, pending=pending)
+    # bitsandbytes quantizes while loading: 4 or 8 bits per weight, not the float dtype's size.
+    common.check_model_sources(ref, cfg.adapter, device, torch_dtype, pending,
+                               bytes_per_param=None if rtn else (1.0 if cfg.method == "bnb-int8" else 0.5))
     config = None if ref.run_id in pending else shared.peek_config(ref, "quantize")
     if rtn and config is not None and not getattr(config, "pruned_layer_sizes", None):
         meta = shared.meta_model(config)
@@ -124,8 +127,8 @@ def run(cfg: QuantizeConfig, parent: tracking.Run | None = None) -> StepResult:
             metrics = {"quant_seconds": quant_seconds, "load_seconds": load_seconds,
                        "params_b": loading.count_params(loaded.model) / 1e9,
                        "model_size_mb": rep.model_size_mb, "model_size_mb_before": rep.original_size_mb,
-                       "effective_bits": rep.effective_bits, "quant/layers": rep.layers,
-                       "quant/mean_rel_error": rep.mean_rel_error}
+                       "effective_bits": rep.effective_bits, "quant/mean_rel_error": rep.mean_rel_error}
+            run.log_params({"quant.layers": rep.layers})  # a count, not a score: a param
             grid = (f"w{cfg.w_bits} {cfg.scheme} {cfg.granularity}"
                     + (f", group_size {cfg.group_size}" if cfg.granularity == "per_group" else ""))
             stored = str(loaded.model.dtype).removeprefix("torch.")
@@ -150,7 +153,8 @@ def run(cfg: QuantizeConfig, parent: tracking.Run | None = None) -> StepResult:
             run.log_params(method_params)
             metrics = {"quant_seconds": quant_seconds, "params_b": s["params"] / 1e9,
                        "model_size_mb": s["model_size_mb"], "model_size_mb_before": s["model_size_mb_before"],
-                       "effective_bits": s["effective_bits"], "quant/layers": s["layers"]}
+                       "effective_bits": s["effective_bits"]}
+            run.log_params({"quant.layers": s["layers"]})
             body = [
                 f"**Real bitsandbytes quantization ({cfg.method}).** {s['layers']} linear layers "
                 f"({s['weights']:,} weights) hold packed {method_params['w_bits']}-bit weights "
@@ -160,7 +164,7 @@ def run(cfg: QuantizeConfig, parent: tracking.Run | None = None) -> StepResult:
             ]
         run.set_tags(common.lineage_tags(ref, loaded, role="quantized"))
         run.log_params({"resolved_model": loaded.ref.target})
-        model_uri = shared.log_model(run, loaded, ref)
+        model_uri = shared.log_model(run, loaded, ref, step="quantize")
         body.append(md_table(["", "before", "after"], [
             ("model_size_mb", metrics["model_size_mb_before"], metrics["model_size_mb"]),
             ("bits per quantized weight", torch_dtype.itemsize * 8, metrics["effective_bits"]),
@@ -173,8 +177,14 @@ def run(cfg: QuantizeConfig, parent: tracking.Run | None = None) -> StepResult:
                          "simulated": "yes (weights stored dequantized)" if rtn else "no",
                          "modules": cfg.modules, "dtype": str(torch_dtype).removeprefix("torch."),
                          "device": device, "seed": cfg.seed, "calibration": "N/A (calibration-free)"}
+        grid_text = f" w{cfg.w_bits} g{cfg.group_size} {cfg.scheme}" if rtn else ""
+        headline = f"quantize · {cfg.model} · {cfg.method}{grid_text}"
+        note = (f"Simulated RTN: weights rounded to the grid and stored dequantized; model_size_mb is the packed "
+                f"size at {metrics['effective_bits']:.3f} bits per quantized weight." if rtn else
+                f"Real bitsandbytes layers: {metrics['effective_bits']:.3f} bits per quantized weight with scales.")
         return shared.finish(
             run, step="quantize", title=f"quantize: {ref.label} + {cfg.method}", loaded=loaded, plan=plan,
             evaluate=cfg.evaluate, report_params=report_params, metrics=metrics,
             section=("Quantization", "\n\n".join(body)), model_uri=model_uri, memory=memory, key=key,
+            headline=headline, notes=(note,),
         )

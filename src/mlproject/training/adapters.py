@@ -135,8 +135,13 @@ class SavedModel:
     """The model to evaluate next: the merged model when merged, else the trained model."""
 
 
-def save_output(model: Any, tokenizer: Any, out_dir: str | Path, merge: bool = False) -> SavedModel:
+def save_output(model: Any, tokenizer: Any, out_dir: str | Path, merge: bool = False,
+                write: bool = True) -> SavedModel:
     """Write the fine-tuned result under ``out_dir``.
+
+    ``write=False``: the same result in memory (merged when ``merge``), nothing written and no
+    directories returned (the other ranks of a data-parallel launch, whose weights equal the
+    main process's).
 
     * adapter models: ``out_dir/adapter`` (``save_pretrained`` of the adapter + tokenizer);
       with ``merge`` also ``out_dir/model`` (LoRA folded into the base, full weights).
@@ -156,21 +161,26 @@ def save_output(model: Any, tokenizer: Any, out_dir: str | Path, merge: bool = F
         model_dir = out / "model"
         if is_4bit(model):
             raise UserError("refusing to save a 4-bit model without an adapter as the fine-tuned model")
+        if not write:
+            return SavedModel(adapter_dir=None, model_dir=None, model=model)
         model.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
         return SavedModel(adapter_dir=None, model_dir=model_dir, model=model)
 
     adapter_dir = out / "adapter"
-    model.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
+    if write or (merge and is_4bit(model)):  # the 4-bit merge reloads the adapter from disk
+        model.save_pretrained(adapter_dir)
+        tokenizer.save_pretrained(adapter_dir)
     if not merge:
-        return SavedModel(adapter_dir=adapter_dir, model_dir=None, model=model)
+        return SavedModel(adapter_dir=adapter_dir if write else None, model_dir=None, model=model)
 
     model_dir = out / "model"
     if is_4bit(model):
         merged = _merge_into_dequantized(model, adapter_dir)
     else:
         merged = model.merge_and_unload()
+    if not write:
+        return SavedModel(adapter_dir=None, model_dir=None, model=merged)
     merged.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     return SavedModel(adapter_dir=adapter_dir, model_dir=model_dir, model=merged)

@@ -125,3 +125,42 @@ class MemorySampler(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.sample()
+
+
+class ProgressCallback(TrainerCallback):
+    """Optimizer steps as a progress bar (log lines with an ETA when not on a terminal).
+
+    transformers' own bar is off (``disable_tqdm=True``: its printer would write every log
+    dict to stdout); this one reports through ``mlproject.progress`` with the latest loss.
+    """
+
+    def __init__(self, description: str = "training"):
+        self.description = description
+        self.task = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from mlproject.progress import task
+
+        self.task = task(self.description, total=state.max_steps or None, unit="steps")
+        self.task.update(completed=state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.task is not None:
+            self.task.update(completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.task is not None and logs and "loss" in logs:
+            try:
+                self.task.update(postfix=f"loss {float(logs['loss']):.4f}")
+            except (TypeError, ValueError):
+                pass
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.task is not None:
+            self.task.update(completed=state.global_step)
+        self.close()
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.task.close()
+            self.task = None

@@ -102,6 +102,17 @@ def resolve_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return spec, {"split": "train"}
 
 
+def input_spec(spec: str, data: "datasets.Dataset") -> dict[str, Any]:
+    """The training data as a dataset spec for the run's inputs (``tracking.Run.log_datasets``)."""
+    path, kwargs = resolve_spec(spec)
+    files = kwargs.get("data_files")
+    source = ({"kind": "file", "path": files} if files else
+              {"kind": "file", "path": path} if Path(path).is_dir() else
+              {"kind": "hf", "path": path, "split": kwargs.get("split")})
+    return {"name": f"{spec} ({len(data):,} rows)", "context": "training", "source": source,
+            "rows": data.to_list(), "tags": {"rows": len(data), "columns": ",".join(data.column_names)}}
+
+
 def load_training_data(spec: str, method: str) -> "datasets.Dataset":
     """Load ``spec`` (see module doc), check it fits ``method`` and normalise it.
 
@@ -118,11 +129,39 @@ def load_training_data(spec: str, method: str) -> "datasets.Dataset":
     except UserError:
         raise
     except Exception as exc:  # hub unreachable, unknown id, malformed file: one line for the user
+        bad = _bad_json_line(Path(kwargs["data_files"])) if path == "json" else None
+        if bad:
+            raise UserError(f"dataset {kwargs['data_files']}: line {bad[0]} is not valid JSON ({bad[1]})") from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"could not load dataset {spec!r}: {first}") from exc
     if len(ds) == 0:
         raise UserError(f"dataset {spec!r} has no rows")
     return normalize(ds, method)
+
+
+def _bad_json_line(path: Path) -> tuple[int, str] | None:
+    """The first line of a JSON Lines file that is not one JSON value: (line number, why).
+    None when every line parses (or the file is one pretty-printed JSON document)."""
+    import json
+
+    try:
+        with path.open(encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        return (1, str(exc)) if isinstance(exc, UnicodeDecodeError) else None
+    try:
+        json.loads(text)
+        return None  # a single JSON document, not JSON Lines
+    except json.JSONDecodeError:
+        pass
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            json.loads(line)
+        except json.JSONDecodeError as exc:
+            return number, f"{exc.msg} at column {exc.colno}"
+    return None
 
 
 def normalize(ds: "datasets.Dataset", method: str) -> "datasets.Dataset":

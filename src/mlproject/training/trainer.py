@@ -18,9 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mlproject import distributed
 from mlproject.errors import UserError
 from mlproject.training.adapters import count_parameters, is_4bit, prepare_model
-from mlproject.training.callbacks import LogForwarder, MemorySampler, NonFiniteGuard, OnLog, TrainingDiverged
+from mlproject.training.callbacks import (LogForwarder, MemorySampler, NonFiniteGuard, OnLog, ProgressCallback,
+                                          TrainingDiverged)
 from mlproject.training.datasets import normalize, to_trl_format
 
 if TYPE_CHECKING:
@@ -46,7 +48,8 @@ class TrainResult:
     trainable_params: int
     total_params: int
     peak_memory_mb: float
-    """Peak CUDA memory allocated (``torch.cuda.max_memory_allocated``) or peak process RSS on CPU."""
+    """Peak CUDA memory allocated (``torch.cuda.max_memory_allocated``) or peak process RSS on CPU;
+    under a distributed launch the largest over the ranks."""
     memory_kind: str
     """``cuda`` or ``rss``: which of the two ``peak_memory_mb`` is."""
     resumed_from_step: int = 0
@@ -55,6 +58,8 @@ class TrainResult:
     """Steps passed to ``on_log`` in this process."""
     summary: dict[str, float] = field(default_factory=dict)
     """transformers' end-of-training summary (train_runtime, train_loss, …)."""
+    saved_dir: Path | None = None
+    """Where the trainer itself wrote the result (``save_dir`` given), else None."""
 
     def metrics(self) -> dict[str, float]:
         """Scalar summary metrics under the project's names (``peak_vram_mb`` on CUDA, ``peak_rss_mb`` on CPU)."""
@@ -156,6 +161,7 @@ def train(
     output_dir: str | Path | None = None,
     callbacks: list[Any] | None = None,
     skip_logged_through: int = 0,
+    save_dir: str | Path | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` on ``train_dataset`` as ``cfg`` says and return the trained model.
 
@@ -166,6 +172,12 @@ def train(
     ``on_log`` only receives steps after it (and after ``skip_logged_through``: pass the last step
     an earlier attempt already logged to the same run, so steps between its last checkpoint and
     its crash are not reported twice). ``callbacks`` are extra ``TrainerCallback``s.
+
+    ``save_dir``: the trainer writes the result there itself (``Trainer.save_model``: the adapter
+    or the whole model, and the tokenizer). Under FSDP / DeepSpeed ZeRO-3 that is what gathers
+    the shards into whole weights (on the main process); every rank calls it and returns once
+    the files are complete. Use it under any distributed launch: the sharded ``model`` returned
+    is then not usable on its own.
 
     Raises :class:`TrainingDiverged` when the loss or grad norm became NaN/inf (training stops
     at that step and no checkpoint is written for it), UserError on unusable data.
@@ -197,13 +209,14 @@ def train(
     forwarder = LogForwarder(on_log, skip_through=max(ckpt_step, int(skip_logged_through)))
     guard = NonFiniteGuard()
     memory = MemorySampler()
+    bar = ProgressCallback(f"training ({cfg.method}, {cfg.finetuning})")
     trainer_cls = SFTTrainer if cfg.method == "sft" else DPOTrainer
     trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=train_dataset,
         processing_class=tokenizer,
-        callbacks=[forwarder, guard, memory, *(callbacks or [])],
+        callbacks=[forwarder, guard, memory, bar, *(callbacks or [])],
     )
     # With disable_tqdm transformers installs PrinterCallback, which prints every log dict.
     trainer.remove_callback(PrinterCallback)
@@ -214,14 +227,25 @@ def train(
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt is not None else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt is not None else None)
+    finally:
+        bar.close()  # a crash skips on_train_end
     seconds = time.perf_counter() - start
 
     _drop_reference_adapter(trained)
     if guard.diverged is not None:
         raise guard.diverged
+    if save_dir is not None:
+        import shutil
+
+        # A folder left by an earlier run (full weights, say) must not mix with this one's files.
+        distributed.on_main(shutil.rmtree, save_dir, ignore_errors=True)
+        trainer.save_model(str(save_dir))
+        distributed.barrier()  # rank 0 writes; the others read the files next
 
     peak = torch.cuda.max_memory_allocated() / MB if cuda else memory.peak_rss / MB
+    peak = distributed.max_over_ranks({"peak": peak})["peak"]  # the launch's largest process
     final_loss = forwarder.last.get("loss")
     return TrainResult(
         model=trained,
@@ -235,6 +259,7 @@ def train(
         resumed_from_step=ckpt_step,
         logged_steps=list(forwarder.steps),
         summary=dict(forwarder.summary),
+        saved_dir=Path(save_dir) if save_dir is not None else None,
     )
 
 

@@ -1,0 +1,113 @@
+"""Hub failures are fast and helpful, and a model too big for the memory is announced before it loads.
+No test touches the network: an unreachable hub is HF_ENDPOINT pointing at a closed localhost port."""
+
+import logging
+
+import pytest
+
+from conftest import assert_bad_input, mlflow_client
+from mlproject.errors import UserError
+from mlproject.models import hub
+
+
+@pytest.fixture
+def online(monkeypatch, tmp_path):
+    """Offline mode off, an empty hub cache, and the hub at a closed localhost port."""
+    from mlflow_server import free_port
+
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    return endpoint
+
+
+def fake_cached_model(cache: str, repo_id: str) -> None:
+    """The layout huggingface_hub leaves in its cache after a download."""
+    from pathlib import Path
+
+    root = Path(cache) / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(commit)
+    snap = root / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+
+
+def test_unreachable_hub_fails_with_advice_and_no_run(online, mlflow_uri, capsys, monkeypatch):
+    assert_bad_input(["evaluate", "--model", "some-org/some-model"], "cannot reach the Hugging Face hub",
+                     mlflow_uri, "hub-unreachable", capsys, monkeypatch)
+    with pytest.raises(UserError) as info:
+        hub.check_model("some-org/some-model", "some-org/some-model")
+    for advice in (online, "HF_TOKEN", "model=smollm2", "local model directory"):
+        assert advice in str(info.value), info.value
+
+
+def test_alias_of_a_hub_model_is_checked_too(online, mlflow_uri, capsys, monkeypatch):
+    assert_bad_input(["quantize", "--model", "mistral"], "mistralai/Mistral-7B-v0.3", mlflow_uri, "hub-alias",
+                     capsys, monkeypatch)
+
+
+def test_offline_mode_and_no_cached_copy_fails_at_once(monkeypatch, tmp_path, mlflow_uri, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    # the endpoint is never probed in offline mode: a non-routable one would hang if it were
+    monkeypatch.setenv("HF_ENDPOINT", "http://10.255.255.1:9")
+    monkeypatch.setattr(hub, "unreachable", lambda *a, **k: pytest.fail("probed the hub in offline mode"))
+    assert_bad_input(["prune", "--model", "llama"], "HF_HUB_OFFLINE=1", mlflow_uri, "hub-offline", capsys, monkeypatch)
+
+
+def test_an_adapter_from_the_hub_is_checked(online, tiny_dirs, mlflow_uri, capsys, monkeypatch):
+    assert_bad_input(["evaluate", "--model", str(tiny_dirs["llama"]), "--adapter", "some-org/lora"],
+                     "adapter 'some-org/lora'", mlflow_uri, "hub-adapter", capsys, monkeypatch)
+
+
+def test_cached_model_with_an_unreachable_hub_goes_offline(online, monkeypatch, caplog):
+    import os
+
+    import huggingface_hub.constants as hub_constants
+
+    fake_cached_model(os.environ["HF_HUB_CACHE"], "some-org/cached-model")
+    caplog.set_level(logging.WARNING, logger="mlproject.models.hub")
+    hub.check_model("some-org/cached-model", "some-org/cached-model")  # no error
+    assert os.environ["HF_HUB_OFFLINE"] == "1" and hub_constants.HF_HUB_OFFLINE is True
+    assert "unreachable" in caplog.text and "cached models offline" in caplog.text
+
+
+def test_pipeline_checks_the_hub_before_any_run(online, mlflow_uri, tmp_path, capsys, monkeypatch):
+    pipe = tmp_path / "p.yaml"
+    pipe.write_text("name: p\nsteps:\n  base: {step: evaluate, model: some-org/some-model}\n")
+    assert_bad_input(["run", str(pipe)], "cannot reach the Hugging Face hub", mlflow_uri, "hub-pipeline",
+                     capsys, monkeypatch)
+
+
+def test_memory_warning_before_loading(tiny_dirs, mlflow_uri, monkeypatch, caplog):
+    import psutil
+
+    from mlproject.config import EvaluateConfig
+    from mlproject.steps import evaluate
+
+    class Mem:
+        available = 100 * 2**10  # 100 KiB: the tiny model's 115,008 fp32 parameters do not fit
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Mem())
+    caplog.set_level(logging.WARNING, logger="mlproject.steps.common")
+    cfg = EvaluateConfig(model=str(tiny_dirs["llama"]), tasks="none", ppl_dataset="none", device="cpu",
+                         dtype="float32", tracking_uri=mlflow_uri)
+    evaluate.check(cfg)
+    (msg,) = [r.getMessage() for r in caplog.records if r.name == "mlproject.steps.common"]
+    assert "~0.00 B parameters" in msg and "4 bytes per parameter, float32" in msg and "0.0 GiB of RAM" in msg
+    assert "dtype=bfloat16" in msg and "model=smollm2" in msg
+
+
+def test_alias_table_sizes_a_model_that_is_not_downloaded():
+    from mlproject.models import loading
+    from mlproject.models.reference import resolve
+
+    # offline and not cached: no config to read, so the alias table's params_b answers
+    assert loading.estimate_params(resolve("mistral")) == 7_250_000_000
