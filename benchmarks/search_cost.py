@@ -55,8 +55,8 @@ def one_search(args, tmp: Path, pruner: str) -> dict:
     best = report.pick_winners(rows, None).get("best_acc")
     return {
         "pruner": study_mod.space_mod.load(args.space, args.set, model=args.model, pruner=pruner).pruner["type"],
-        "documents": sum(r.get("search/documents") or 0 for r in rows),
-        "windows": sum(r.get("search/ppl_windows") or 0 for r in rows),
+        "documents": sum(r.get("system/search/documents") or 0 for r in rows),
+        "windows": sum(r.get("system/search/ppl_windows") or 0 for r in rows),
         "scoring_s": sum(r.get("eval_seconds") or 0 for r in rows),
         "wall_s": wall,
         "complete": sum(r["state"] == "COMPLETE" for r in rows), "pruned": sum(r["state"] == "PRUNED" for r in rows),

@@ -88,7 +88,7 @@ def search(n: int, uri: str, tmp: Path, name: str = "overhead") -> tuple[float, 
             self.target_tags = {f"{study_mod.T}target_run": prun.run_id}
             self._same_eval("-", trial.number)
             prun.log_metrics_and_tags({"fidelity/avg_acc": value, "fidelity/documents": 1}, self.target_tags, step=1)
-            return self._complete(trial, prun, {"avg_acc": value, "model_size_mb": 1.0, "search/documents": 1}, 1)
+            return self._complete(trial, prun, {"avg_acc": value, "model_size_mb": 1.0, "system/search/documents": 1}, 1)
 
     mlflow.set_tracking_uri(uri)
     space = make_space(tmp, n)

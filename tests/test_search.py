@@ -150,14 +150,18 @@ def test_search_records_a_study_of_pipeline_trials(finished, mlflow_uri):
         # every mlp_nonce document (no pruner in a Pareto study), or none when the sampler proposed
         # a configuration again and the earlier trial's scores were taken
         copied = run.data.tags.get("mlproject.eval_reused_trial")
-        assert run.data.metrics["search/documents"] == (200 if copied is None else 0)
+        assert run.data.metrics["system/search/documents"] == (200 if copied is None else 0)
         if copied is not None:
             assert study.trials[int(copied)].params == t.params and study.trials[int(copied)].values == t.values
     client = mlflow_client(mlflow_uri)
     files = {a.path for a in client.list_artifacts(srun.info.run_id)}
     assert {"trials.csv", "trials.md", "pareto.csv", "pareto.md", "pareto.png", "history.png", "importances.csv",
             "report.md", "space.yaml"} <= files
-    assert srun.data.metrics["search/trials_complete"] == 4
+    assert srun.data.metrics["system/search/trials_complete"] == 4
+    # the run page's description names the study, its counts and the winners' runs
+    note = srun.data.tags["mlflow.note.content"]
+    assert note.startswith("**search search-full**") and "4 complete" in note and "### Trials" not in note
+    assert "best_acc" in note and "best_ppl" in note
     import pandas as pd
 
     table = pd.read_csv(client.download_artifacts(srun.info.run_id, "trials.csv"))
@@ -274,12 +278,12 @@ def test_a_poor_trial_is_pruned_after_its_first_level(tmp_path, pipeline_file, m
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert pruned and complete and len(study.trials) == 3
     runs = trial_runs(mlflow_uri, "search-prune")
-    full = runs[complete[0].number].data.metrics["search/documents"]
+    full = runs[complete[0].number].data.metrics["system/search/documents"]
     for t in pruned:
         run = runs[t.number]
         assert run.info.status == "FINISHED" and run.data.tags["mlproject.trial_state"] == "PRUNED"
         assert t.params["quant.w_bits"] == 2 and list(t.intermediate_values) == [25]
-        assert run.data.metrics["search/documents"] == 50 < full == 200  # a quarter of the documents
+        assert run.data.metrics["system/search/documents"] == 50 < full == 200  # a quarter of the documents
         assert "ppl/sample" not in run.data.metrics  # a pruned trial has estimates only
         assert run.data.metrics["fidelity/ppl/sample"] == pytest.approx(t.intermediate_values[25])
         # it was worse than the completed trials at that level: the median pruner's rule

@@ -19,9 +19,10 @@ that contain the earlier ones, and a pruner may stop a poor trial between levels
   metric aggregates by a mean can be scored in levels (checked up front). A group counts once:
   the document-weighted mean of its subtasks (lm-eval's ``weight_by_size``), or the mean of its
   subtasks' means when the group says so. ``avg_acc`` is the mean over the requested tasks.
-* Perplexity: the windows the evaluate step would score (``ppl_windows`` caps them to the first
-  N), shuffled the same way; PPL = exp(total NLL / total tokens) over the windows scored so far,
-  equal to the evaluate step's PPL at the last level.
+* Perplexity: the windows the evaluate step would score (the first ``plan.windows()``:
+  ``ppl_windows``, or with -1 as many as ``limit`` says), shuffled the same way; PPL =
+  exp(total NLL / total tokens) over the windows scored so far, equal to the evaluate step's
+  PPL at the last level.
 
 Nothing here talks to MLflow or Optuna; the search reports the levels.
 """
@@ -204,8 +205,7 @@ class LevelScorer:
         ctx = perplexity.context_length(self.loaded.model) or opts.seqlen
         seqlen = min(opts.seqlen, ctx, ids.numel())
         windows = perplexity.make_windows(ids, seqlen)
-        if opts.ppl_windows:
-            windows = windows[:opts.ppl_windows]  # the windows the evaluate step scores
+        windows = windows[:self.plan.windows(windows.size(0))]  # the (first) windows the evaluate step scores
         self.windows = windows
         self.window_order = shuffled(windows.size(0), self.seed, f"ppl:{self.plan.ppl_name}")
         self.window_counts = level_counts(windows.size(0), self.fractions)

@@ -55,7 +55,7 @@ def trial_rows(study) -> "list[dict[str, Any]]":
         level = metrics.pop(ATTR_LEVEL, None)
         rows.append({
             "trial": t.number, "state": t.state.name, **{f"param {k}": v for k, v in t.params.items()},
-            **metrics, "documents": metrics.get("search/documents"),
+            **metrics, "documents": metrics.get("system/search/documents"),
             "level": level, "run_id": t.user_attrs.get(ATTR_RUN),
             "model_uri": (t.user_attrs.get(ATTR_TARGET) or {}).get(ATTR_MODEL), "error": t.user_attrs.get(ATTR_ERROR),
             "retry_of": t.system_attrs.get("failed_trial"),
@@ -151,13 +151,13 @@ def finalize(study, space, srun: tracking.Run, name: str, seconds: float = 0.0) 
     counts = {s: sum(1 for r in rows if r["state"] == s) for s in ("COMPLETE", "PRUNED", "FAIL")}
     docs = sum(r["documents"] or 0 for r in rows)
     full = max((r["documents"] or 0 for r in rows if r["state"] == "COMPLETE" and r["documents"]), default=0)
-    metrics = {"search/trials_complete": counts["COMPLETE"], "search/trials_pruned": counts["PRUNED"],
-               "search/trials_failed": counts["FAIL"], "search/documents": docs,
-               "search/seconds_this_launch": seconds}
+    metrics = {"system/search/trials_complete": counts["COMPLETE"], "system/search/trials_pruned": counts["PRUNED"],
+               "system/search/trials_failed": counts["FAIL"], "system/search/documents": docs,
+               "system/search/seconds_this_launch": seconds}
     scored = [r for r in rows if r["state"] in ("COMPLETE", "PRUNED")]
     if full and scored:
         # what the same trials would have scored with no pruning (every trial at the last level)
-        metrics["search/documents_fraction"] = docs / (full * len(scored))
+        metrics["system/search/documents_fraction"] = docs / (full * len(scored))
     for role, row in pick_winners(rows, ppl).items():
         metric = "avg_acc" if role == "best_acc" else ppl
         metrics[f"{role}/{metric}"] = row[metric]
@@ -187,6 +187,8 @@ def finalize(study, space, srun: tracking.Run, name: str, seconds: float = 0.0) 
         (out / "report.md").write_text(text)
         srun.log_artifacts(out)
         files = {p.name: str(p) for p in out.iterdir()}
+    # the run page's description: the study, the counts and the winners (the tables are artifacts)
+    srun.set_description(text.split("\n### Trials", 1)[0].replace(f"## search {name}", f"**search {name}**", 1))
     return Summary(text=text, metrics=metrics, winners={**winners, "_files": sorted(files)})
 
 
@@ -297,9 +299,9 @@ def _summary_md(name, space, rows, counts, winners, metrics, fronts, importances
     lines.append(f"Trials: {counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed"
                  + (f", {state['running']} running, {state['waiting']} waiting" if state["running"] or state["waiting"]
                     else "") + ".")
-    if "search/documents_fraction" in metrics:
-        lines.append(f"Documents scored: {int(metrics['search/documents'])} "
-                     f"({metrics['search/documents_fraction']:.0%} of scoring every scored trial on every document).")
+    if "system/search/documents_fraction" in metrics:
+        lines.append(f"Documents scored: {int(metrics['system/search/documents'])} "
+                     f"({metrics['system/search/documents_fraction']:.0%} of scoring every scored trial on every document).")
     lines.append("")
     if winners:
         lines.append(md_table(["role", "trial", "run", "registered", "value"], [

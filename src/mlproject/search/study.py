@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlproject import tracking
+from mlproject import progress, tracking
 from mlproject.config import SearchConfig
 from mlproject.errors import UserError
 from mlproject.search import space as space_mod
@@ -71,7 +71,7 @@ ATTR_EVAL_KEY = "eval_key"
 ATTR_LEVEL = "level"  # inside ATTR_METRICS: the last level scored
 STUDY_SPACE = "space_fingerprint"
 STUDY_WINNERS = "winners"
-HEADLINE = ("avg_acc", "model_size_mb", "params_b", "search/documents", "search/ppl_windows", "eval_seconds")
+HEADLINE = ("avg_acc", "model_size_mb", "params_b", "system/search/documents", "system/search/ppl_windows", "eval_seconds")
 
 
 class Surplus(Exception):
@@ -408,15 +408,24 @@ class Worker:
         self.target_tags: dict[str, Any] = {}  # the scored trial's target, logged with its first metrics
 
     def loop(self) -> None:
-        from optuna.storages import fail_stale_trials
         from optuna.storages._heartbeat import is_heartbeat_enabled
-
-        import optuna
 
         start = time.monotonic()
         heartbeat = is_heartbeat_enabled(self.study._storage)
+        bar = progress.task(f"search {self.ctx.study_name}", total=self.space.n_trials, unit="trials")
+        try:
+            self._loop(bar, start, heartbeat)
+        finally:
+            bar.close()
+
+    def _loop(self, bar, start: float, heartbeat: bool) -> None:
+        from optuna.storages import fail_stale_trials
+
+        import optuna
+
         while True:
             state = tally(self.study)
+            bar.update(completed=state["done"], postfix=f"{state['running']} running" if state["running"] else "")
             if state["waiting"] or state["done"] + state["running"] < self.space.n_trials:
                 if self.cfg.timeout and time.monotonic() - start >= self.cfg.timeout:
                     log.info("timeout: %g s reached, starting no new trial", self.cfg.timeout)
@@ -568,7 +577,7 @@ class Worker:
                 else:
                     trial.report(value, step=round(level.fraction * 100))
                 if not level.last and trial.should_prune():
-                    spent = {"search/documents": level.documents, "search/ppl_windows": level.windows,
+                    spent = {"system/search/documents": level.documents, "system/search/ppl_windows": level.windows,
                              "eval_seconds": time.perf_counter() - start}
                     trial.set_user_attr(ATTR_METRICS, {f"estimate/{obj.metric}": value, ATTR_LEVEL: level.level,
                                                        **spent})
@@ -577,8 +586,8 @@ class Worker:
                         {f"{T}trial_state": "PRUNED",
                          f"{T}pruned_at": f"level {level.level} ({level.fraction:g} of the documents)"})
                     return {"pruned": True, "level": level.level, "documents": level.documents}
-            metrics = {**level.metrics, **model_metrics(loaded.model), "search/documents": level.documents,
-                       "search/ppl_windows": level.windows, "eval_seconds": time.perf_counter() - start}
+            metrics = {**level.metrics, **model_metrics(loaded.model), "system/search/documents": level.documents,
+                       "system/search/ppl_windows": level.windows, "eval_seconds": time.perf_counter() - start}
             level_reached = level.level
         finally:
             del loaded
@@ -610,7 +619,7 @@ class Worker:
                 trial.report(value, step=step)
         metrics = dict(same.user_attrs[ATTR_METRICS])
         level = metrics.pop(ATTR_LEVEL, len(self.space.fractions))
-        metrics.update({"search/documents": 0, "search/ppl_windows": 0, "eval_seconds": 0.0})
+        metrics.update({"system/search/documents": 0, "system/search/ppl_windows": 0, "eval_seconds": 0.0})
         prun.set_tags({f"{T}eval_reused_from": same.user_attrs.get(ATTR_RUN, ""),
                        f"{T}eval_reused_trial": same.number})
         return self._complete(trial, prun, metrics, level)
