@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import importlib.metadata
 import os
 import platform
@@ -17,6 +18,7 @@ PACKAGES = (
 )
 
 
+@functools.cache  # installed versions do not change under a running process; a search logs them per trial
 def _version(pkg: str) -> str | None:
     try:
         return importlib.metadata.version(pkg.replace("_", "-"))

@@ -517,6 +517,11 @@ class Run:
         self.model_ids[name] = model.model_id
         return model.model_id
 
+    def log_metrics_and_tags(self, metrics: Mapping[str, float], tags: Mapping[str, Any], step: int = 0) -> None:
+        """A result's tags and metrics (a search trial's outcome), each spooled like any other record."""
+        self.set_tags(tags)
+        self.log_metrics(metrics, step=step)
+
     def delete_tag(self, key: str) -> None:
         def send():
             with contextlib.suppress(Exception):  # absent tag (a connection failure too: not worth a retry)
@@ -1595,3 +1600,75 @@ def record_refusal(step: str, message: str) -> None:
             client.set_terminated(run_id, "FAILED")
     except Exception as exc:  # the tracking server may be what was refused
         log.debug("could not record the refusal on run %s: %s", run_id, exc)
+
+
+# -- search: runs handled by id, registry aliases ---------------------------------------
+def set_run_tags(run_id: str, tags: Mapping[str, Any]) -> None:
+    """Tags on a run that is not open in this process (a search trial after it ended)."""
+    from mlflow.entities import RunTag
+    from mlflow.tracking import MlflowClient
+
+    items = [RunTag(k, v) for k, v in clean_mapping(tags, _MAX_TAG_LEN).items()]
+    if items:
+        MlflowClient().log_batch(run_id, tags=items, synchronous=True)
+
+
+def run_status(run_id: str) -> str | None:
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        return MlflowClient().get_run(run_id).info.status
+    except MlflowException:
+        return None
+
+
+def end_stale_run(run_id: str, error: str, tags: Mapping[str, Any] | None = None) -> list[str]:
+    """End a run whose process died (SIGKILL leaves it RUNNING forever, mlflow#3932) and its
+    RUNNING child runs: FAILED, the error as ``mlproject.error``. Returns the runs ended."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return []
+    ended = []
+    kids = client.search_runs([run.info.experiment_id],
+                              filter_string=f"tags.`mlflow.parentRunId` = '{run_id}' and attributes.status = 'RUNNING'",
+                              max_results=1000)
+    for r in [*kids, run]:
+        if r.info.status not in ("RUNNING", "SCHEDULED"):
+            continue
+        extra = dict(tags or {}) if r is run else {}
+        set_run_tags(r.info.run_id, {f"{TAG_PREFIX}error": error, **extra})
+        client.set_terminated(r.info.run_id, status="FAILED")
+        ended.append(r.info.run_id)
+    if run.info.status not in ("RUNNING", "SCHEDULED") and tags:
+        set_run_tags(run_id, tags)
+    return ended
+
+
+def register_alias(name: str, run_id: str, alias: str, tags: Mapping[str, Any] | None = None,
+                   path: str = "model") -> str:
+    """Point ``models:/<name>@<alias>`` at the run's model folder: the version already
+    registered from that run and path if there is one, else a new version. ``tags`` go on the
+    version. Returns the version."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    source = f"runs:/{run_id}/{path}"
+    model = logged_model(run_id, path)  # registered versions of a LoggedModel have source models:/<id>
+    version = None
+    with contextlib.suppress(Exception):  # no such model yet
+        for mv in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+            if mv.source == source or (model is not None and mv.source == f"models:/{model.model_id}"):
+                version = mv.version
+                break
+    if version is None:
+        version = register_model(run_id, name, path=path)
+    client.set_registered_model_alias(name, alias, version)
+    for key, value in clean_mapping(tags or {}, _MAX_TAG_LEN).items():
+        client.set_model_version_tag(name, version, key, value)
+    return str(version)

@@ -124,6 +124,8 @@ class HarnessResult:
     avg_acc: float | None
     avg_metrics: dict[str, str]  # task -> metric key used for avg_acc
     code: Any = None  # code.lmeval.CodeRun when code tasks ran (per-problem records, gates)
+    # with log_samples: {task: [{"doc_id": i, "filter": f, <metric>: per-document value, …}]}
+    samples: dict[str, list[dict[str, Any]]] | None = None
 
 
 def run_tasks(
@@ -137,8 +139,13 @@ def run_tasks(
     seed: int = 42,
     apply_chat_template: bool = False,
     code=None,
+    samples: dict[str, list[int]] | None = None,
+    log_samples: bool = False,
 ) -> HarnessResult:
     """Run lm-eval on an already loaded model (loaded once, shared with PPL).
+
+    ``samples``: explicit document indices per (leaf) task instead of ``limit`` (the search
+    scores nested random subsets); ``log_samples``: keep each document's metric values.
 
     Code tasks (``evaluation.code.tasks``) go through ``evaluation.code.lmeval``: lm-eval
     generates, mlproject's sandbox runs the programs (``code``: a ``CodeSettings``).
@@ -162,14 +169,16 @@ def run_tasks(
         _data_parallel(lm)
     other = [t for t in tasks if t not in code_tasks]
     raw: dict = {}
+    per_doc = None
     code_run = None
     # lm-eval draws its own tqdm bars (building contexts, tokenizing, the request loops: most of
     # an evaluation's time); routed, they show as our bars in a terminal and as log lines with
     # an ETA elsewhere.
     with route_tqdm(*LM_EVAL_TQDM_MODULES, prefix="lm-eval: ", default="building requests"):
         if other:
-            raw = _run_lm_eval(lm, other, limit=limit, num_fewshot=num_fewshot, seed=seed,
-                               apply_chat_template=apply_chat_template)
+            raw, per_doc = _run_lm_eval(lm, other, limit=limit, num_fewshot=num_fewshot, seed=seed,
+                                        apply_chat_template=apply_chat_template, samples=samples,
+                                        log_samples=log_samples)
         if code_tasks:
             from mlproject.evaluation.code.lmeval import run_code_tasks
             from mlproject.evaluation.code.scoring import CodeSettings
@@ -181,7 +190,8 @@ def run_tasks(
             raw = _merge(raw, serializable(code_run.raw))
     metrics = flatten_metrics(raw.get("results", {}))
     avg, chosen = mean_accuracy(raw.get("results", {}), tasks)
-    return HarnessResult(raw=raw, metrics=metrics, avg_acc=avg, avg_metrics=chosen, code=code_run)
+    return HarnessResult(raw=raw, metrics=metrics, avg_acc=avg, avg_metrics=chosen, code=code_run,
+                         samples=per_doc)
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -194,7 +204,9 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
-def _run_lm_eval(lm, tasks: list[str], *, limit, num_fewshot, seed, apply_chat_template) -> dict:
+def _run_lm_eval(lm, tasks: list[str], *, limit, num_fewshot, seed, apply_chat_template,
+                 samples=None, log_samples=False) -> tuple[dict, dict | None]:
+    """lm-eval's results JSON, and with ``log_samples`` the per-document numbers per task."""
     import lm_eval
 
     from mlproject import distributed
@@ -204,8 +216,9 @@ def _run_lm_eval(lm, tasks: list[str], *, limit, num_fewshot, seed, apply_chat_t
         tasks=tasks,
         num_fewshot=num_fewshot,
         limit=limit,
+        samples=samples,
         task_manager=task_manager_for(tasks),
-        log_samples=False,
+        log_samples=log_samples,
         # Never share lm-eval's request cache: its key omits the model identity.
         use_cache=None,
         cache_requests=False,
@@ -215,8 +228,22 @@ def _run_lm_eval(lm, tasks: list[str], *, limit, num_fewshot, seed, apply_chat_t
         torch_random_seed=seed,
         fewshot_random_seed=seed,
     )
+    per_doc = None
+    if results is not None and log_samples:
+        per_doc = {task: [_numeric_sample(s) for s in rows] for task, rows in (results.get("samples") or {}).items()}
     # lm-eval returns the results on rank 0 only.
-    return distributed.broadcast_object(serializable(dict(results)) if results is not None else None)
+    return distributed.broadcast_object((serializable(dict(results)), per_doc) if results is not None else None)
+
+
+def _numeric_sample(sample: dict) -> dict[str, Any]:
+    """A logged sample reduced to its document id, filter and numeric per-document metric values."""
+    out: dict[str, Any] = {"doc_id": int(sample["doc_id"]), "filter": str(sample.get("filter") or "none")}
+    for key, value in sample.items():
+        if key in ("doc_id", "filter", "doc", "arguments", "resps", "filtered_resps", "target", "metrics") or key.endswith("_hash"):
+            continue
+        if isinstance(value, (int, float)):  # bools too: some tasks log correctness as True/False
+            out[key] = float(value)
+    return out
 
 
 class _Collectives:

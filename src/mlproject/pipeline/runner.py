@@ -32,7 +32,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from mlproject import progress, tracking
 from mlproject.config import PipelineConfig
@@ -175,19 +175,29 @@ def run(cfg: PipelineConfig, parent: tracking.Run | None = None) -> StepResult:
 
 
 def execute(the_plan: Plan, *, cfg: PipelineConfig | None = None, parent: tracking.Run | None = None,
-            run_name: str | None = None, tags: dict | None = None) -> StepResult:
+            run_name: str | None = None, tags: dict | None = None, extra_params: dict | None = None,
+            on_start: Callable[[tracking.Run], None] | None = None,
+            finish: Callable[[tracking.Run, dict[str, StepResult]], dict | None] | None = None) -> StepResult:
     """Run a checked plan under a new parent run (a child of ``parent`` when given: a search
-    trial is a pipeline nested in the study run)."""
+    trial is a pipeline nested in the study run).
+
+    ``extra_params`` are logged with the pipeline's own (a search trial's sampled values);
+    ``on_start(run)`` is called once the pipeline run exists (a search trial records its run id);
+    ``finish(run, results)`` after the last step, inside the run (a search trial scores the
+    target's model there): what it returns is ``details["finish"]``, what it raises fails the run."""
     pipe = the_plan.pipe
     start = time.perf_counter()
     params = {"pipeline": pipe.path, "set": " ".join(pipe.overrides) or "none",
               **{f"pipeline.{k}": v for k, v in pipe.params.items()}}
     if cfg is not None:
         params.update({"no_reuse": cfg.no_reuse, "rerun": cfg.rerun or "none"})
+    params.update(extra_params or {})
     results: dict[str, StepResult] = {}
     with tracking.step_run("pipeline", experiment=the_plan.experiment, run_name=run_name or f"pipeline:{pipe.name}",
                            tags={f"{T}pipeline": pipe.name, **(tags or {})}, parent=parent) as prun:
         prun.log_params(params)
+        if on_start is not None:
+            on_start(prun)
         outputs: dict[str, dict[str, str]] = {}
         bar = progress.task(f"pipeline {pipe.name}", total=len(the_plan.order), unit="steps")
         try:
@@ -218,8 +228,9 @@ def execute(the_plan: Plan, *, cfg: PipelineConfig | None = None, parent: tracki
         text = _log_report(prun, the_plan, results)
         prun.log_text(_resolved_yaml(pipe, outputs), "pipeline.yaml")
         prun.set_description(_description(the_plan, results, ran, seconds))
+        finished = finish(prun, results) if finish is not None else None
         return StepResult(step="pipeline", run_id=prun.run_id, text=text + _ui_hint(prun), metrics=stats,
-                          details={"steps": results})
+                          details={"steps": results, "finish": finished})
 
 
 def _run_one(prun: tracking.Run, planned: PlannedStep, cfg: Any) -> StepResult:

@@ -107,6 +107,8 @@ STEPS: dict[str, StepInfo] = {s.name: s for s in (
 COMMANDS: dict[str, StepInfo] = {s.name: s for s in (
     StepInfo("run", "mlproject.config:PipelineConfig", "mlproject.pipeline.runner",
              "a pipeline: chained steps from a YAML file, finished steps reused", entry_point="main"),
+    StepInfo("search", "mlproject.config:SearchConfig", "mlproject.search.study",
+             "an Optuna search whose trials are pipeline runs; winners registered as <study>@best_acc / @best_ppl"),
 )}
 
 
