@@ -70,6 +70,40 @@ def test_metrics_go_in_batches(mlflow_uri, monkeypatch):
     assert len(got) == 1500 and got["task750/acc"] == pytest.approx(0.5)
 
 
+def test_metrics_and_tags_in_one_request_spooled_as_two_records(mlflow_uri, monkeypatch, tmp_path):
+    """A search trial's result: one log_batch; when the server does not take it, the spool holds
+    the tags and the metrics records, and `runs sync` delivers both."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLPROJECT_SPOOL", str(tmp_path / "spool"))
+    mlflow.set_tracking_uri(mlflow_uri)
+    calls = []
+    original = MlflowClient.log_batch
+    monkeypatch.setattr(MlflowClient, "log_batch", lambda self, *a, **k: calls.append(k) or original(self, *a, **k))
+    with tracking.step_run("search", experiment="t-combined", log_env=False) as run:
+        calls.clear()
+        run.log_metrics_and_tags({"avg_acc": 0.5, "fidelity/documents": 7}, {"mlproject.trial_state": "COMPLETE"},
+                                 step=2)
+        assert len(calls) == 1 and len(calls[0]["metrics"]) == 2 and len(calls[0]["tags"]) == 1
+        assert run.spool.pending() == []  # both records acknowledged
+        # the server does not take the next one: both records stay in the spool
+        monkeypatch.setattr(tracking._LINK, "send", lambda fn, what: False)
+        run.log_metrics_and_tags({"avg_acc": 0.75}, {"mlproject.trial_state": "PRUNED"}, step=3)
+        pending = run.spool.pending()
+        monkeypatch.undo()
+        monkeypatch.setenv("MLPROJECT_SPOOL", str(tmp_path / "spool"))
+        assert [r["op"] for r in pending] == ["tags", "metrics"]
+        spool_path = run.spool.path
+    got = mlflow_client(mlflow_uri).get_run(run.run_id).data
+    assert got.metrics["avg_acc"] == 0.5 and got.tags["mlproject.trial_state"] == "COMPLETE"
+    assert tracking.sync_spool(spool_path, mlflow_uri) == {"tags": 1, "metrics": 1}
+    got = mlflow_client(mlflow_uri).get_run(run.run_id).data
+    assert got.metrics["avg_acc"] == 0.75 and got.tags["mlproject.trial_state"] == "PRUNED"
+    history = mlflow_client(mlflow_uri).get_metric_history(run.run_id, "avg_acc")
+    assert sorted((m.step, m.value) for m in history) == [(2, 0.5), (3, 0.75)]
+
+
 def test_attaches_to_the_run_mlflow_run_created(mlflow_uri, monkeypatch):
     import mlflow
 

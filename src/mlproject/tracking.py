@@ -441,6 +441,12 @@ class Run:
         """Many steps' metrics (``(step, {name: value}, timestamp_ms or None)``) in one request per
         1000 points: training curves are buffered by the caller and sent with this. Once the run
         has logged its output model, model metrics are linked to it (``system/`` ones are not)."""
+        points = self._metric_points(rows)
+        if points:
+            self._deliver("metrics", lambda: send_metrics(self.client, self.run_id, points), metrics=points)
+
+    def _metric_points(self, rows: "list[tuple[int, Mapping[str, float], int | None]]") -> list[list]:
+        """Spool-ready points ``[key, value, timestamp, step(, model_id)]``; non-numbers skipped."""
         now = int(time.time() * 1000)
         model_id = self.model_ids.get("model")
         points = []
@@ -453,8 +459,7 @@ class Run:
                 key = metric_key(name)
                 linked = model_id if model_id and not key.startswith(SYSTEM_PREFIX) else None
                 points.append([key, v, ts or now, int(step)] + ([linked] if linked else []))
-        if points:
-            self._deliver("metrics", lambda: send_metrics(self.client, self.run_id, points), metrics=points)
+        return points
 
     def set_description(self, markdown: str) -> None:
         """The run's description (MLflow's ``mlflow.note.content`` tag): shown at the top of the
@@ -518,9 +523,28 @@ class Run:
         return model.model_id
 
     def log_metrics_and_tags(self, metrics: Mapping[str, float], tags: Mapping[str, Any], step: int = 0) -> None:
-        """A result's tags and metrics (a search trial's outcome), each spooled like any other record."""
-        self.set_tags(tags)
-        self.log_metrics(metrics, step=step)
+        """A result's tags and metrics in one request (a search trial's outcome: fewer round trips
+        per trial), spooled as the two records ``set_tags`` and ``log_metrics`` would write."""
+        cleaned = clean_mapping(tags, _MAX_TAG_LEN)
+        points = self._metric_points([(step, metrics, None)])
+        if not cleaned or not points or len(cleaned) > 100 or len(points) > 1000:
+            if cleaned:
+                self.set_tags(cleaned)
+            if points:
+                self._deliver("metrics", lambda: send_metrics(self.client, self.run_id, points), metrics=points)
+            return
+        from mlflow.entities import RunTag
+
+        seqs = [self.spool.append("tags", tags=cleaned), self.spool.append("metrics", metrics=points)] \
+            if self.spool else []
+
+        def send():
+            self.client.log_batch(self.run_id, metrics=_metric_entities(points),
+                                  tags=[RunTag(k, v) for k, v in cleaned.items()], synchronous=True)
+
+        if _LINK.send(send, "metrics") and self.spool:
+            for seq in seqs:
+                self.spool.mark_sent(seq)
 
     def delete_tag(self, key: str) -> None:
         def send():
@@ -616,6 +640,9 @@ class NullRun(Run):
     def log_metric_steps(self, rows):
         pass
 
+    def log_metrics_and_tags(self, metrics, tags, step=0):
+        pass
+
     def delete_tag(self, key):
         pass
 
@@ -671,12 +698,16 @@ def resolve_params(existing: Mapping[str, str], params: Mapping[str, str]) -> di
     return items
 
 
-def send_metrics(client, run_id: str, points: list) -> None:
+def _metric_entities(points: list) -> list:
     from mlflow.entities import Metric
 
     # [key, value, timestamp, step] or, linked to an MLflow LoggedModel, [..., model_id]
-    metrics = [Metric(p[0], float(p[1]), int(p[2]), int(p[3]), model_id=p[4] if len(p) > 4 else None)
-               for p in points]
+    return [Metric(p[0], float(p[1]), int(p[2]), int(p[3]), model_id=p[4] if len(p) > 4 else None)
+            for p in points]
+
+
+def send_metrics(client, run_id: str, points: list) -> None:
+    metrics = _metric_entities(points)
     for i in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[i:i + 1000], synchronous=True)
 

@@ -5,7 +5,7 @@ A space is a YAML file (see ``pipelines/spaces/``)::
 
     name: demo                          # the study is <name>-<model> unless --study names it
     description: what it searches
-    pipeline: pipelines/search_demo.yaml   # run per trial (a path or a name in pipelines/)
+    pipeline: pipelines/demo.yaml       # run per trial (a path or a name in pipelines/)
     set: {tasks: offline, limit: 100}   # pipeline overrides for every trial (key: value or "k=v" list)
     target: quantized                   # the step whose model each trial scores (default: the last
                                         # model-producing step); a trial runs it and what it depends on
