@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pipeline", default=str(ROOT / "pipelines" / "demo.yaml"))
     ap.add_argument("--set", default="", help="overrides, as for mlproject run --set")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--keep", action="store_true", help="keep the temporary store (models and runs) for inspection")
     args = ap.parse_args(argv)
 
     os.chdir(ROOT)
@@ -84,9 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         by_hand.append(alone(args.pipeline, args.set, uri, f"bench-alone-{i}"))
         print(f"repeat {i + 1}: steps alone {by_hand[-1]:.1f}s", flush=True)
     c, r, a = statistics.median(cold), statistics.median(reused), statistics.median(by_hand)
-    print(f"pipeline={args.pipeline} set={args.set!r} store={store}")
+    print(f"pipeline={args.pipeline} set={args.set!r}" + (f" store={store}" if args.keep else ""))
     print(f"cold {c:.1f}s  reused {r:.1f}s  steps alone {a:.1f}s")
     print(f"cold / reused = {c / r:.1f}x   pipeline / steps alone = {c / a:.3f} (target <= 1.05)")
+    if not args.keep:
+        shutil.rmtree(store, ignore_errors=True)  # every model of every run: hundreds of MB
     return 0
 
 

@@ -148,6 +148,39 @@ def test_second_run_reuses_every_step_without_loading(pipe_file, mlflow_uri, mon
     assert yaml.safe_load(text)["steps"]["after"]["model"] == f"runs:/{first['quant'].info.run_id}/model"
 
 
+def test_every_step_kind_records_the_key_its_plan_computed(tmp_path, tiny_dirs, ppl_text_file, mlflow_uri,
+                                                          monkeypatch, caplog):
+    """Prune → finetune → quantize → evaluate: each run records the key the plan computed (so a
+    rerun reuses them all); finetune's key also holds the launch's world size."""
+    path = tmp_path / "kinds.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        name: kinds
+        params: {{model: {tiny_dirs["llama"]}, tasks: none, ppl_dataset: {ppl_text_file}, seqlen: 32}}
+        steps:
+          pruned: {{step: prune, ratio: 0.25, evaluate: false}}
+          tuned:
+            step: finetune
+            model: ${{pruned.model_uri}}
+            dataset: offline:sft_mlp_nonce
+            max_steps: 2
+            train_batch_size: 2
+            eval_after: false
+          quant: {{step: quantize, model: "${{tuned.model_uri}}", method: rtn, w_bits: 4, granularity: per_channel, evaluate: false}}
+          after: {{step: evaluate, model: "${{quant.model_uri}}"}}
+        """))
+    exp = "pipe-kinds"
+    with caplog.at_level("WARNING", logger="mlproject.pipeline.runner"):
+        assert run_cli(mlflow_uri, exp, path) == 0
+    assert "planned key" not in caplog.text
+    first = children(mlflow_uri, parents(mlflow_uri, exp)[0].info.run_id)
+    assert set(first) == {"pruned", "tuned", "quant", "after"}
+    LoadCounter(monkeypatch, forbid=True)
+    assert run_cli(mlflow_uri, exp, path) == 0
+    second = children(mlflow_uri, parents(mlflow_uri, exp)[-1].info.run_id)
+    for name, run in first.items():
+        assert second[name].data.tags["mlproject.reused_from"] == run.info.run_id, name
+
+
 def test_downstream_change_reuses_upstream_only(pipe_file, mlflow_uri, monkeypatch):
     exp = "pipe-downstream"
     assert run_cli(mlflow_uri, exp, pipe_file) == 0

@@ -474,14 +474,19 @@ class Run:
         records scored: schema, row count and a content digest) or ``digest``, and ``tags``."""
         if not specs:
             return
+        import warnings
+
         from mlflow.entities import DatasetInput, InputTag
 
         inputs = []
         for spec in specs:
-            dataset = _dataset(spec)
             tags = [InputTag("mlflow.data.context", spec.get("context") or "evaluation")]
             tags += [InputTag(str(k), redact(v)) for k, v in (spec.get("tags") or {}).items()]
-            inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags))
+            with warnings.catch_warnings():
+                # MLflow's schema hint about integer columns and its "source can be interpreted
+                # in multiple ways" (two registered local-file sources) say nothing to a user here
+                warnings.simplefilter("ignore", UserWarning)
+                inputs.append(DatasetInput(_dataset(spec)._to_mlflow_entity(), tags))
         try:
             self.client.log_inputs(self.run_id, datasets=inputs)
         except Exception as exc:  # noqa: BLE001 - the numbers matter more than their provenance card

@@ -38,7 +38,7 @@ from mlproject import progress, tracking
 from mlproject.config import PipelineConfig
 from mlproject.errors import StepFailed, UserError
 from mlproject.pipeline import spec as pspec
-from mlproject.steps import StepResult, common
+from mlproject.steps import StepResult
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def plan(pipe: pspec.Pipeline, experiment: str, *, no_reuse: bool = False, rerun
         except UserError as exc:
             raise UserError(f"pipeline {pipe.path}: step {name!r} ({ps.step}): {exc}") from None
         reusable = ps.info.name != "compare"
-        key = common.step_key(ps.step, cfg, upstream_key=upstream_key) if reusable else None
+        key = ps.info.key(cfg, upstream_key=upstream_key) if reusable else None
         stand_in = pspec.pending_run_id(name)
         if key:
             pending_keys[stand_in] = key

@@ -86,6 +86,18 @@ class StepInfo:
     def run(self, cfg: Any, parent: Any = None) -> StepResult:
         return self.load().run(cfg, parent=parent)
 
+    def key(self, cfg: Any, upstream_key: Any = None) -> str:
+        """The reuse key the step's run will record (tag ``mlproject.cache_key``): the module's
+        ``reuse_key(cfg, upstream_key=…)`` where the result depends on more than the config
+        (finetune: the launch's world size), else ``common.step_key``. Pipelines plan with it,
+        so a planned key is the one the run records."""
+        module = self.load()
+        if hasattr(module, "reuse_key"):
+            return module.reuse_key(cfg, upstream_key=upstream_key)
+        from mlproject.steps import common
+
+        return common.step_key(self.name, cfg, upstream_key=upstream_key)
+
 
 #: Steps a pipeline can chain (and the CLI's step subcommands), in the order shown by --help.
 STEPS: dict[str, StepInfo] = {s.name: s for s in (

@@ -268,6 +268,11 @@ def check(cfg: FinetuneStepConfig, parent: tracking.Run | None = None, pending: 
     return ref, spec, plan, device, dtype
 
 
+def reuse_key(cfg: FinetuneStepConfig, upstream_key: Any = None) -> str:
+    """The run's reuse key: the config, and the launch's world size (it sets the effective batch)."""
+    return common.step_key("finetune", cfg, upstream_key=upstream_key, extra={"world_size": distributed.world_size()})
+
+
 def run(cfg: FinetuneStepConfig, parent: tracking.Run | None = None, *,
         callbacks: list[Any] | None = None) -> StepResult:
     """Fine-tune ``cfg.model`` and record it as one MLflow run (see the module docstring).
@@ -277,7 +282,7 @@ def run(cfg: FinetuneStepConfig, parent: tracking.Run | None = None, *,
     common.check_launch(cfg)
     ref, spec, plan, device, _ = check(cfg, parent)
     world = distributed.world_size()
-    key = common.step_key("finetune", cfg, extra={"world_size": world})
+    key = reuse_key(cfg)
     out_dir = checkpoint_dir(cfg, ref)
     resume_id = distributed.on_main(_resume_target, out_dir) if cfg.resume else None
     data = tdata.load_training_data(spec, cfg.method)  # full load + row checks, still before the run
