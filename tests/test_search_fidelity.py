@@ -201,3 +201,23 @@ def test_the_study_is_named_after_the_model_at_the_root_of_the_target_chain(tmp_
     space = space_mod.parse({"name": "chain", "pipeline": str(pipe), "params": {"q.w_bits": [3, 4]}})
     assert space.target == "q" and space.steps == ["p", "q"]
     assert space.model == str(tiny_dirs["llama"]) and space_mod.study_name(space) == "chain-llama"
+
+
+def test_local_workers_sample_with_their_own_seeds(tmp_path, tiny_dirs):
+    """Two workers with one seed drew the same first configurations at the same time."""
+    from mlproject.search import study as study_mod
+
+    pipe = tmp_path / "p.yaml"
+    pipe.write_text(f"params: {{model: {tiny_dirs['llama']}}}\nsteps:\n  q: {{step: quantize, group_size: 32}}\n")
+    space = space_mod.parse({"name": "s", "pipeline": str(pipe), "params": {"q.w_bits": {"int": [2, 8]}},
+                             "sampler": {"type": "tpe", "seed": 5}})
+    spaces = [study_mod.worker_space(space, i) for i in range(3)]
+    assert [s.sampler["seed"] for s in spaces] == [5, 6, 7] and spaces[0] is space
+    assert len({s.fingerprint() for s in spaces}) == 1  # still one study
+    import optuna
+
+    firsts = [optuna.create_study(sampler=s.sampler_object()).ask().suggest_int("x", 0, 10_000) for s in spaces]
+    assert len(set(firsts)) == 3  # the seeds draw different first values
+    unseeded = space_mod.parse({"name": "s", "pipeline": str(pipe), "params": {"q.w_bits": {"int": [2, 8]}},
+                                "sampler": {"type": "random"}})
+    assert study_mod.worker_space(unseeded, 1) is unseeded

@@ -345,15 +345,15 @@ def _spawn(ctx: Context, n: int) -> None:
 
     import mlproject
 
-    payload = json.dumps({"cfg": dataclasses.asdict(ctx.cfg), "study_name": ctx.study_name,
-                          "experiment_id": ctx.experiment_id, "study_run_id": ctx.study_run_id,
-                          "tracking_uri": tracking.tracking_uri()})
+    payload = {"cfg": dataclasses.asdict(ctx.cfg), "study_name": ctx.study_name,
+               "experiment_id": ctx.experiment_id, "study_run_id": ctx.study_run_id,
+               "tracking_uri": tracking.tracking_uri()}
     src = str(Path(mlproject.__file__).resolve().parent.parent)
-    env = {**os.environ, WORKER_ENV: payload,
-           "PYTHONPATH": os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])])}
     env.pop("MLFLOW_RUN_ID", None)  # trials nest under the study run, not under mlflow run's run
     cmd = [sys.executable, "-c", "from mlproject.search.study import worker_main; worker_main()"]
-    procs = [subprocess.Popen(cmd, env=env) for _ in range(n)]
+    procs = [subprocess.Popen(cmd, env={**env, WORKER_ENV: json.dumps({**payload, "worker": i})})
+             for i in range(n)]
     log.info("started %d worker processes: %s", n, ", ".join(str(p.pid) for p in procs))
     try:
         codes = [p.wait() for p in procs]
@@ -390,9 +390,21 @@ def worker_main() -> None:
     space = space_mod.load(cfg.space, cfg.set, model=cfg.model, n_trials=cfg.n_trials,
                            seed=cfg.seed if cfg.seed >= 0 else None, pruner=cfg.pruner,
                            objectives=cfg.objectives)
+    space = worker_space(space, int(data.get("worker", 0)))
     storage = open_storage(cfg.storage, cfg.heartbeat, cfg.max_retry)
     study, _ = open_study(storage, ctx.study_name, space, create=False)
     Worker(ctx, space=space, study=study).loop()
+
+
+def worker_space(space: space_mod.Space, index: int) -> space_mod.Space:
+    """The space as local worker ``index`` samples it: a seeded sampler gets seed + index. With
+    one seed, every worker's sampler would draw the same first (random start-up) configurations
+    at the same time — seen on SmolLM2: two workers' first trials were identical. The seed is
+    not part of the study's fingerprint, so the workers still share one study."""
+    seed = space.sampler.get("seed")
+    if not index or seed is None:
+        return space
+    return dataclasses.replace(space, sampler={**space.sampler, "seed": int(seed) + index})
 
 
 class Worker:
