@@ -71,7 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(ROOT)
     store = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     uri = f"sqlite:///{store}/mlflow.db"
-    os.environ["MLFLOW_ARTIFACTS_DESTINATION"] = str(store / "artifacts")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    for i in range(args.repeats):
+        for exp in (f"bench-pipeline-{i}", f"bench-alone-{i}"):
+            # models and reports in the temp store, not ./mlruns (a SQLite store's default)
+            client.create_experiment(exp, artifact_location=str(store / "artifacts" / exp))
     cold, reused, by_hand = [], [], []
     for i in range(args.repeats):
         exp = f"bench-pipeline-{i}"

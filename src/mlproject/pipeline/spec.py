@@ -187,17 +187,18 @@ def _suggest(word: str, options) -> str:
 
 
 # ------------------------------------------------------------------------------- loading
-def resolve_path(pipeline: str) -> Path:
-    """A path, or a bare name looked up as ``pipelines/<name>.yaml``."""
+def resolve_path(pipeline: str, folder: str = "pipelines", kind: str = "pipeline") -> Path:
+    """A path, or a bare name looked up as ``<folder>/<name>.yaml`` (pipelines; search spaces
+    live in ``pipelines/spaces``)."""
     if not pipeline.strip():
-        raise UserError("pipeline is empty: give a YAML file, e.g. pipelines/demo.yaml")
+        raise UserError(f"{kind} is empty: give a YAML file, e.g. {folder}/demo.yaml")
     path = Path(pipeline).expanduser()
     if not path.is_file() and not path.suffix:
-        path = Path("pipelines") / f"{pipeline}.yaml"
+        path = Path(folder) / f"{pipeline}.yaml"
     if not path.is_file():
-        shipped = sorted(p.name for p in Path("pipelines").glob("*.yaml")) if Path("pipelines").is_dir() else []
-        hint = f"; in pipelines/: {', '.join(shipped)}" if shipped else ""
-        raise UserError(f"pipeline file {pipeline!r} not found{hint}")
+        shipped = sorted(p.name for p in Path(folder).glob("*.yaml")) if Path(folder).is_dir() else []
+        hint = f"; in {folder}/: {', '.join(shipped)}" if shipped else ""
+        raise UserError(f"{kind} file {pipeline!r} not found{hint}")
     return path
 
 

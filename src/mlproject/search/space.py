@@ -283,17 +283,8 @@ def study_name(space: Space) -> str:
 
 # ----------------------------------------------------------------------------- parsing
 def resolve_path(path: str) -> Path:
-    if not path.strip():
-        raise UserError("space is empty: give a YAML file, e.g. pipelines/spaces/demo.yaml")
-    p = Path(path).expanduser()
-    if not p.is_file() and not p.suffix:
-        p = Path("pipelines/spaces") / f"{path}.yaml"
-    if not p.is_file():
-        shipped = sorted(x.name for x in Path("pipelines/spaces").glob("*.yaml")) \
-            if Path("pipelines/spaces").is_dir() else []
-        hint = f"; in pipelines/spaces/: {', '.join(shipped)}" if shipped else ""
-        raise UserError(f"space file {path!r} not found{hint}")
-    return p
+    """A path, or a bare name looked up as ``pipelines/spaces/<name>.yaml``."""
+    return pspec.resolve_path(path, folder="pipelines/spaces", kind="space")
 
 
 def load(path: str, overrides: str | list[str] = "", model: str = "", n_trials: int = 0, seed: int | None = None,
