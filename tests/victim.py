@@ -12,7 +12,11 @@ import time
 from conftest import subprocess_env
 
 VICTIM = textwrap.dedent("""
-    import pathlib, sys, time
+    import pathlib, signal, sys, time
+    # Ctrl-C as in a terminal, whatever the test runner's disposition: a process started in the
+    # background by a shell without job control inherits SIGINT *ignored* (a CI run started
+    # with `&` hung here for that reason).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from mlproject import cli
     from mlproject.evaluation import perplexity
 
