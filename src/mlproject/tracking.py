@@ -441,7 +441,9 @@ class Run:
         """Many steps' metrics (``(step, {name: value}, timestamp_ms or None)``) in one request per
         1000 points: training curves are buffered by the caller and sent with this. Once the run
         has logged its output model, model metrics are linked to it (``system/`` ones are not)."""
-        points = self._metric_points(rows)
+        self._send_points(self._metric_points(rows))
+
+    def _send_points(self, points: list[list]) -> None:
         if points:
             self._deliver("metrics", lambda: send_metrics(self.client, self.run_id, points), metrics=points)
 
@@ -535,8 +537,7 @@ class Run:
         if not cleaned or not points or len(cleaned) > 100 or len(points) > 1000:
             if cleaned:
                 self.set_tags(cleaned)
-            if points:
-                self._deliver("metrics", lambda: send_metrics(self.client, self.run_id, points), metrics=points)
+            self._send_points(points)
             return
         from mlflow.entities import RunTag
 

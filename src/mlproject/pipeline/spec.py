@@ -202,18 +202,22 @@ def resolve_path(pipeline: str, folder: str = "pipelines", kind: str = "pipeline
     return path
 
 
-def load(pipeline: str, overrides: str | list[str] = "") -> Pipeline:
-    """Read, override and check a pipeline file (see the module docstring)."""
+def read_yaml(path: Path, kind: str = "pipeline") -> Any:
+    """A YAML file's content; malformed YAML is one line naming the file and line."""
     import yaml
 
-    path = resolve_path(pipeline)
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"pipeline {path}{where}: malformed YAML ({getattr(exc, 'problem', exc)})") from None
-    return parse(raw, str(path), overrides)
+        raise UserError(f"{kind} {path}{where}: malformed YAML ({getattr(exc, 'problem', exc)})") from None
+
+
+def load(pipeline: str, overrides: str | list[str] = "") -> Pipeline:
+    """Read, override and check a pipeline file (see the module docstring)."""
+    path = resolve_path(pipeline)
+    return parse(read_yaml(path), str(path), overrides)
 
 
 def parse(raw: Any, path: str = "<pipeline>", overrides: str | list[str] = "") -> Pipeline:

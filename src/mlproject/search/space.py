@@ -290,16 +290,8 @@ def resolve_path(path: str) -> Path:
 def load(path: str, overrides: str | list[str] = "", model: str = "", n_trials: int = 0, seed: int | None = None,
          pruner: str = "", objectives: str = "") -> Space:
     """Read and check a space file's structure (values are checked by :func:`check`)."""
-    import yaml
-
     p = resolve_path(path)
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"space {p}{where}: malformed YAML ({getattr(exc, 'problem', exc)})") from None
-    return parse(raw, str(p), overrides, model=model, n_trials=n_trials, seed=seed, pruner=pruner,
+    return parse(pspec.read_yaml(p, "space"), str(p), overrides, model=model, n_trials=n_trials, seed=seed, pruner=pruner,
                  objectives=objectives)
 
 
