@@ -58,7 +58,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _sync(args, tracking) -> int:
     from mlproject.errors import UserError
-    from mlproject.spool import all_spools
+    from mlproject.tracking.spool import all_spools
 
     paths = args.spools or [s.path for s in all_spools()]
     if not paths:

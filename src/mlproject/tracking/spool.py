@@ -16,8 +16,9 @@ One folder per run under ``paths.spool_root()`` (``~/.cache/mlproject/spool/<run
   SIGKILL).
 
 A run whose records were all acknowledged has its folder removed when it ends; otherwise the
-folder stays for ``mlproject runs sync`` (``tracking.sync_spool``). Pure file code: nothing
-here talks to MLflow.
+folder stays for ``mlproject runs sync`` (``tracking.repair.sync_spool``). The write-ahead side
+of "every write goes spool → link → server" (``tracking.link`` is the sending side). Pure file
+code: nothing here talks to MLflow.
 """
 
 from __future__ import annotations
