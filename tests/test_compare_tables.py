@@ -11,7 +11,12 @@ import pytest
 
 from mlproject.compare import CompareSpec, RunSet, compute
 from mlproject.compare import directions as dirs
-from mlproject.compare import tables as T
+from mlproject.compare.tables.baseline import resolve_baseline
+from mlproject.compare.tables.lineage import lineage
+from mlproject.compare.tables.scores import select_metrics, task_scores
+from mlproject.compare.views.pareto import pareto_front
+from mlproject.compare.views.ranking import ALL_BETTER, ALL_WORSE
+from mlproject.compare.views.summary import summary
 from mlproject.errors import UserError
 
 
@@ -85,7 +90,7 @@ def test_score_preference_without_tag():
                             "math/exact_match": 0.1, "math/math_verify": 0.15,
                             "drop/f1": 0.2, "drop/em": 0.1, "boolq/acc": 0.6,
                             "boolq/acc_stderr": 0.01}})
-    s = T.task_scores(r.runs, r.metrics)
+    s = task_scores(r.runs, r.metrics)
     keys = s.keys.iloc[0].to_dict()
     assert keys == {"boolq": "boolq/acc", "drop": "drop/f1", "gsm8k":
                     "gsm8k/exact_match.flexible-extract", "math": "math/math_verify",
@@ -98,7 +103,7 @@ def test_task_metric_tag_wins_and_orders_tasks():
     r = runset({"metrics": {"piqa/acc": 0.7, "piqa/acc_norm": 0.8, "boolq/acc": 0.6,
                             "boolq/acc_norm": 0.9, "mmlu_x/acc": 0.3},
                 "tags": {"avg_acc_metrics": tag}})
-    s = T.task_scores(r.runs, r.metrics)
+    s = task_scores(r.runs, r.metrics)
     assert s.tasks == ["piqa", "boolq"]  # tagged tasks only (no mmlu subject), tag order
     assert s.values.iloc[0].tolist() == [0.7, 0.6]
 
@@ -194,7 +199,7 @@ def test_speedup_and_categories():
     cats = res.tables["ranking_lists"].set_index("run")["category"]
     assert cats["fast_bad"] == "faster but less accurate"
     assert cats["slow_good"] == "more accurate but slower"
-    assert cats["win"] == T.ALL_BETTER and cats["lose"] == T.ALL_WORSE
+    assert cats["win"] == ALL_BETTER and cats["lose"] == ALL_WORSE
     md = res.markdown()
     assert "🟢 2.00x" in md and "🔴 0.50x" in md
 
@@ -214,8 +219,8 @@ def test_summary_before_sources_and_computed_mean():
          "tags": {"role": "best_acc", "family": "F", "upstream_run": rid(10),
                   "avg_acc_metrics": tag, "step": "finetune"}},
     )
-    summ, per_task = T.summary(r.runs, r.metrics, T.task_scores(r.runs, r.metrics),
-                               T.lineage(r.runs))
+    summ, per_task = summary(r.runs, r.metrics, task_scores(r.runs, r.metrics),
+                             lineage(r.runs))
     assert list(summ["role"]) == ["base", "best_acc"]  # the pruned eval is a before source
     ft = summ.set_index("role").loc["best_acc"]
     assert ft["ppl_before[w]"] == 25.0  # before/ on the run wins over the upstream run
@@ -258,16 +263,16 @@ def test_baseline_selectors_and_errors():
                {"run_name": "b", "metrics": {"t/acc": 0.2}, "tags": {"family": "X"}},
                {"run_name": "c", "metrics": {"t/acc": 0.3}, "tags": {"family": "Y"}},
                {"run_name": "b", "metrics": {"t/acc": 0.4}, "tags": {"family": "Y"}})
-    assert T.resolve_baseline(rid(1), r.runs).run_ids == [rid(1)]
-    assert T.resolve_baseline(f"id:{rid(3)}", r.runs).run_ids == [rid(3)]
-    amb = T.resolve_baseline("name:b", r.runs)
+    assert resolve_baseline(rid(1), r.runs).run_ids == [rid(1)]
+    assert resolve_baseline(f"id:{rid(3)}", r.runs).run_ids == [rid(3)]
+    amb = resolve_baseline("name:b", r.runs)
     assert amb.run_ids == [rid(4)] and "latest" in amb.notes[0]
-    fam = T.resolve_baseline("role:base", r.runs)
+    fam = resolve_baseline("role:base", r.runs)
     assert fam.mode == "run"  # one run with the role: everyone's baseline
-    best = T.resolve_baseline("a|c", r.runs)
+    best = resolve_baseline("a|c", r.runs)
     assert best.mode == "best_of" and best.run_ids == [rid(1), rid(3)]
     with pytest.raises(UserError, match="baseline 'role:nope' matches no run"):
-        T.resolve_baseline("role:nope", r.runs)
+        resolve_baseline("role:nope", r.runs)
     with pytest.raises(UserError, match="'zzz'"):
         compute(r, spec(baseline="zzz"))
 
@@ -291,7 +296,7 @@ def test_pareto_front_matches_brute_force():
     rng = random.Random(0)
     x = pd.Series([rng.randint(0, 20) for _ in range(200)], dtype=float)
     y = pd.Series([rng.randint(0, 20) for _ in range(200)], dtype=float)
-    front = T.pareto_front(x, y, "min", "max")
+    front = pareto_front(x, y, "min", "max")
     for i in range(len(x)):
         dominated = any((x[j] <= x[i] and y[j] >= y[i]) and (x[j] < x[i] or y[j] > y[i])
                         for j in range(len(x)))
@@ -305,8 +310,8 @@ def test_metric_selection():
     r = runset({"metrics": {"mbpp/pass_at_1": 0.1, "mbpp/avg_time": 3.0, "he/pass_at_1": 0.2,
                             "ppl/a": 1.0, "ppl/b": 2.0, "boolq/acc": 0.5,
                             "boolq/acc_norm": 0.6}})
-    s = T.task_scores(r.runs, r.metrics)
-    pick = T.select_metrics
+    s = task_scores(r.runs, r.metrics)
+    pick = select_metrics
     assert pick(["pass@1"], r.metrics.columns, s) == ["he/pass_at_1", "mbpp/pass_at_1"]
     assert pick(["ppl"], r.metrics.columns, s) == ["ppl/a", "ppl/b"]
     assert pick(["boolq"], r.metrics.columns, s) == ["boolq/acc_norm"]
@@ -346,3 +351,26 @@ def test_query_without_a_server_uses_the_client(tmp_path, monkeypatch):
     summ = res.tables["summary"].set_index("run")
     assert summ.loc["r2", "acc_before"] == 0.5 and summ.loc["r1", "acc_before"] == 0.4
     assert list(res.tables["versus"]["candidate"]) == ["r2", "r2"]  # t/acc and the mean
+
+
+def test_two_finetunes_of_one_model_plot_one_series_each(tmp_path):
+    """Two runs sharing family and role (two fine-tunes of one base, no baseline) used to crash
+    the per-task change chart (duplicate labels); each run is its own bar series, named."""
+    base = {"run_name": "evaluate:m", "tags": {"family": "M", "role": "base", "step": "evaluate"},
+            "metrics": {"a/acc": 0.50, "b/acc": 0.40}}
+    fts = [{"run_name": f"finetune:m:{n}", "tags": {"family": "M", "role": "finetuned", "step": "finetune",
+                                                  "upstream_run": rid(1)},
+            "metrics": {"a/acc": 0.50 + d, "b/acc": 0.40 + d}} for n, d in (("lr1", 0.1), ("lr2", 0.2))]
+    res = compute(runset(base, *fts), spec(view="summary"))
+    per_task = res.tables["summary_tasks"].dropna(subset=["change"])
+    assert sorted(round(c, 6) for c in per_task["change"]) == [0.1, 0.1, 0.2, 0.2]
+    import matplotlib
+    matplotlib.use("Agg")
+    from mlproject.compare.views.summary import delta_bars
+
+    fig = delta_bars(res)
+    legend = sorted(t.get_text() for t in fig.axes[0].get_legend().get_texts())
+    assert legend == ["M finetuned (finetune:m:lr1)", "M finetuned (finetune:m:lr2)"]
+    heights = sorted(round(b.get_height(), 6) for b in fig.axes[0].patches)
+    assert heights == [10.0, 10.0, 20.0, 20.0]
+    assert "delta_bars.png" in {p.name for p in res.write(tmp_path, formats=["png", "html"])}

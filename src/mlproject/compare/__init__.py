@@ -10,9 +10,13 @@ Public API (what ``steps/compare.py`` calls)::
     print(result.markdown())
 
 Modules: ``spec`` (parameters), ``query`` (the only one importing MLflow: paged search →
-``RunSet``), ``tables`` (pure pandas views), ``render`` (Markdown / HTML / PNG),
-``directions`` (which way is better), ``core`` (``build`` / ``compute`` / ``CompareResult``).
-Importing this package is cheap: pandas, matplotlib and MLflow load on first use.
+``RunSet``), ``directions`` (which way is better), ``tables`` (the pure-pandas primitives the
+views share: scores, lineage, baseline, deltas, code tasks' common problems), ``views`` (the
+registry ``VIEWS`` and one module per view: its tables, blocks and plots; plus the settings and
+trade-off parts every compare shows), ``render`` (block model, Markdown, HTML, plot helpers),
+``document`` (the report's blocks in order; Markdown / HTML / PNG), ``core`` (``build`` /
+``compute`` / ``CompareResult``). Adding a view: a module in ``views/`` and a line in
+``VIEWS``. Importing this package is cheap: pandas, matplotlib and MLflow load on first use.
 """
 
 from __future__ import annotations

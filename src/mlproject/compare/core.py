@@ -1,4 +1,8 @@
-"""``build(client_or_uri, spec) -> CompareResult``: query, compute the views, write outputs."""
+"""``build(client_or_uri, spec) -> CompareResult``: query, compute the views, write outputs.
+
+The views come from the registry (``mlproject.compare.views.VIEWS``): ``compute`` builds their
+shared inputs once, lets each selected view add its tables, then adds the parts every compare
+has (trade-offs, code tasks' common problems, evaluation settings)."""
 
 from __future__ import annotations
 
@@ -11,10 +15,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from mlproject.compare import tables as T
+from mlproject.compare import views
 from mlproject.compare.directions import Directions
 from mlproject.compare.query import RunSet
 from mlproject.compare.spec import CompareSpec
+from mlproject.compare.tables.baseline import Baseline, resolve_baseline
+from mlproject.compare.tables.code_common import CommonSet, common_notes, common_problem_metrics, common_table
+from mlproject.compare.tables.lineage import lineage
+from mlproject.compare.tables.scores import Scores, select_metrics, task_scores
+from mlproject.compare.views import Inputs, pareto, settings
 from mlproject.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -30,19 +39,21 @@ class CompareResult:
         speedups against the baseline; categories ("better on every metric", …).
     pareto: mean accuracy vs PPL / size with Pareto-front flags.
     code_common: per code task, the problems every compared run solved (times use them).
-    A table is absent when its view was not asked for or had nothing to show.
+    settings: evaluation settings per run and how they differ from its reference.
+    A table is absent when its view was not asked for or had nothing to show; a registered
+    view adds its own tables (see its module).
     """
 
     spec: CompareSpec
     runset: RunSet
     tables: dict[str, pd.DataFrame]
-    scores: T.Scores
+    scores: Scores
     directions: Directions
-    baseline: T.Baseline | None = None
+    baseline: Baseline | None = None
     notes: list[str] = field(default_factory=list)
     stats: dict = field(default_factory=dict)
     #: code tasks: the problems every compared run solved, on which times are compared
-    common: dict[str, T.CommonSet] = field(default_factory=dict)
+    common: dict[str, CommonSet] = field(default_factory=dict)
 
     @property
     def setting_flags(self) -> dict[str, str]:
@@ -58,14 +69,14 @@ class CompareResult:
         return self.runset.tidy()
 
     def markdown(self, max_rows: int | None = None) -> str:
-        from mlproject.compare import render
+        from mlproject.compare import document
 
-        return render.markdown(self, max_rows=max_rows)
+        return document.markdown(self, max_rows=max_rows)
 
     def html(self, images: dict[str, bytes] | None = None) -> str:
-        from mlproject.compare import render
+        from mlproject.compare import document
 
-        return render.html(self, images=images)
+        return document.html(self, images=images)
 
     def write(self, out_dir, formats=None) -> list[Path]:
         """Write the requested formats (default: the spec's) under ``out_dir``; return paths.
@@ -73,7 +84,7 @@ class CompareResult:
         md → compare.md; csv → tidy.csv + <table>.csv; json → compare.json (spec, runs,
         tidy metrics, every table); html → compare.html (plots embedded); png → plots.
         """
-        from mlproject.compare import render
+        from mlproject.compare import document
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -81,7 +92,7 @@ class CompareResult:
         paths: list[Path] = []
         images: dict[str, bytes] = {}
         if "png" in fmts or "html" in fmts:
-            images = render.plots(self)
+            images = document.plots(self)
         if "png" in fmts:
             for name, data in images.items():
                 p = out / name
@@ -89,12 +100,12 @@ class CompareResult:
                 paths.append(p)
         if "md" in fmts:
             p = out / "compare.md"
-            p.write_text(render.markdown(self, images=list(images) if "png" in fmts else None),
+            p.write_text(document.markdown(self, images=list(images) if "png" in fmts else None),
                          encoding="utf-8")
             paths.append(p)
         if "html" in fmts:
             p = out / "compare.html"
-            p.write_text(render.html(self, images=images), encoding="utf-8")
+            p.write_text(document.html(self, images=images), encoding="utf-8")
             paths.append(p)
         if "csv" in fmts:
             p = out / "tidy.csv"
@@ -143,92 +154,41 @@ def _flat(df: pd.DataFrame) -> pd.DataFrame:
 
 def compute(runset: RunSet, spec: CompareSpec) -> CompareResult:
     """All views from a RunSet (pure pandas; no tracking server)."""
-    runs, metrics = runset.runs, runset.metrics
-    d = Directions(spec.directions)
-    notes: list[str] = []
+    runs = runset.runs
+    chosen = views.selected(spec)
     # Code tasks: run times are compared on the problems all runs solved (logged averages are
     # over each run's own solved problems). The tidy table keeps the logged values.
-    metrics, common = T.common_problem_metrics(runs, metrics, runset.problems)
-    for task, cs in common.items():
-        if cs.missing:
-            notes.append(f"{task}: no per-problem results (artifact code/{task}.json) for "
-                         f"{len(cs.missing)} of {len(cs.runs)} runs, so avg_time_s and "
-                         "time_ratio are each run's own average over the problems it solved, "
-                         "not a like-for-like comparison")
-        elif not cs.problems:
-            notes.append(f"{task}: no problem was solved by all {len(cs.runs)} runs; run "
-                         "times cannot be compared (N/A)")
-        elif "versus" in spec.view:
-            notes.append(f"{task}: avg_time_s and time_ratio are over the {len(cs.problems)} "
-                         f"problems all {len(cs.runs)} compared runs solved, in every view")
-    scores = T.task_scores(runs, metrics)
-    lin = T.lineage(runs)
-    selected = T.select_metrics(spec.metrics, metrics.columns, scores) if spec.metrics else None
-    base = T.resolve_baseline(spec.baseline, runs, runset.order) if spec.baseline else None
-    scope = runs.index[runs["in_scope"].astype(bool)]
-    if base is None and "versus" in spec.view:
-        if len(scope) == 2:
-            first = next((r for r in runset.order if r in scope), None)
-            if first is None:
-                first = runs.loc[scope].sort_values("start_time", na_position="first").index[0]
-            base = T.resolve_baseline(f"id:{first}", runs)
-        elif spec.view == ("versus",):
-            raise UserError(f"view=versus needs baseline=… (or exactly two runs; got "
-                            f"{len(scope)})")
-        else:
-            notes.append("versus view skipped: give baseline=<run id | name:… | role:…> "
-                         "(or compare exactly two runs)")
-    if base is not None:
-        notes.extend(base.notes)
+    metrics, common = common_problem_metrics(runs, runset.metrics, runset.problems)
+    notes = common_notes(common, explain=any(v.notes_common_problems for v in chosen))
+    scores = task_scores(runs, metrics)
+    inputs = Inputs(
+        spec=spec, runset=runset, runs=runs, metrics=metrics, scores=scores,
+        lineage=lineage(runs), directions=Directions(spec.directions),
+        selected=select_metrics(spec.metrics, metrics.columns, scores) if spec.metrics else None,
+        base=resolve_baseline(spec.baseline, runs, runset.order) if spec.baseline else None,
+        notes=notes)
+    for view in chosen:
+        if view.prepare is not None:
+            view.prepare(inputs)
+    if inputs.base is not None:
+        notes.extend(inputs.base.notes)
 
     tables: dict[str, pd.DataFrame] = {}
-    if "summary" in spec.view:
-        summ, per_task = T.summary(runs, metrics, scores, lin)
-        before_cols = [c for c in summ.columns if "before" in c]
-        has_before = summ[before_cols].notna().any().any() or per_task["before"].notna().any()
-        if has_before or spec.view == ("summary",):
-            tables["summary"], tables["summary_tasks"] = summ, per_task
-        else:
-            notes.append("summary view skipped: no run has a \"before\" evaluation (no "
-                         "`before/` metrics, no upstream run with metrics); use view=summary "
-                         "to show it anyway")
-    if "versus" in spec.view and base is not None:
-        vs = T.versus(runs, metrics, scores, base, d, selected)
-        tables["versus"] = vs
-        tables["versus_summary"] = T.versus_summary(vs)
-    if "ranking" in spec.view:
-        keys = selected or T.default_ranking_metrics(metrics.columns, scores, d)
-        rk = T.ranking(runs, metrics, keys, d)
-        tables["ranking"] = rk
-        unknown = sorted({k for k in keys if d(k) is None})
-        if unknown:
-            notes.append("direction unknown (no medals): " + ", ".join(unknown)
-                         + " — pass directions=<metric>=min|max")
-        if base is not None:
-            delta = T.ranking_delta(rk, runs, metrics, base, d)
-            tables["ranking_delta"] = delta
-            tables["ranking_lists"] = T.ranking_lists(delta)
-    tables["pareto"] = T.pareto_table(runs, metrics, scores)
+    for view in chosen:
+        tables.update(view.compute(inputs))
+    tables.update(pareto.compute(inputs))
     if runset.left_out:
         counts = ", ".join(f"{n} {st}" for st, n in sorted(runset.left_out.items()))
         notes.append(f"left out runs that did not finish ({counts}); compare them with status=all "
                      "(a RUNNING run whose process is gone: mlproject runs reap)")
     if common:
-        tables["code_common"] = pd.DataFrame(
-            [{"task": c.task, "runs": len(c.runs), "common_problems": len(c.problems),
-              "problems_seen": c.total, "applied": c.applied, "missing_runs": c.missing,
-              "problems": c.problems} for c in common.values()])
-    settings = T.settings_check(runs, metrics, base)
-    if len(settings):
-        tables["settings"] = settings
-        odd = settings[settings["differs"] != ""]
-        if len(odd):
-            notes.insert(0, "⚠ evaluation settings differ, so these numbers are not directly comparable: "
-                         + "; ".join(f"{r.run}: {r.differs}" for r in odd.itertuples()))
-    if not len(scope):
+        tables["code_common"] = common_table(common)
+    tables.update(settings.compute(inputs))
+    if not len(inputs.scope):
         notes.append("no runs matched")
-    return CompareResult(spec=spec, runset=runset, tables=tables, scores=scores, directions=d,
-                         baseline=base, notes=notes, common=common)
+    return CompareResult(spec=spec, runset=runset, tables=tables, scores=scores,
+                         directions=inputs.directions, baseline=inputs.base, notes=notes,
+                         common=common)
 
 
 def build(client_or_uri, spec: CompareSpec, *, exclude_run_ids=()) -> CompareResult:
@@ -249,7 +209,7 @@ def build(client_or_uri, spec: CompareSpec, *, exclude_run_ids=()) -> CompareRes
     runset = query.fetch_runs(client_or_uri, spec.experiments, spec.runs, spec.filter,
                               page_size=spec.page_size, parallel=spec.parallel,
                               exclude_run_ids=exclude_run_ids, statuses=spec.statuses)
-    if ("ranking" in spec.view or "versus" in spec.view) and query.code_tasks_of(runset.metrics):
+    if any(v.uses_code_problems for v in views.selected(spec)) and query.code_tasks_of(runset.metrics):
         query.fetch_code_problems(client_or_uri, runset, parallel=spec.parallel)
     t1 = time.perf_counter()
     result = compute(runset, spec)

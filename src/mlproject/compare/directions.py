@@ -3,7 +3,7 @@
 Pure string logic (no pandas, no MLflow). The registry of known directions lives here and only
 here; ``directions=avg_time=min,foo=max`` overrides it per call.
 
-Metric keys follow DESIGN.md: ``ppl/<dataset>``, ``nll/<dataset>``, ``<task>/<metric>``
+Metric keys follow the run conventions (ARCHITECTURE.md): ``ppl/<dataset>``, ``nll/<dataset>``, ``<task>/<metric>``
 (``boolq/acc``, ``boolq/acc_stderr``), top-level ``avg_acc``, ``params_b``, ``eval_seconds`` …
 A key's *leaf* is its last ``/`` segment; directions are decided on the leaf, except for the
 ``ppl/`` and ``nll/`` families whose leaf is a dataset name.

@@ -9,7 +9,7 @@ return (so "before" values can be found even when a filter excluded the upstream
 
 The result is a :class:`RunSet`: ``runs`` (one row per run: name, experiment, status, times,
 lineage tags) and ``metrics`` (one row per run, one float column per metric key, latest
-value). Tags used (DESIGN.md "Run conventions"): ``mlproject.step``, ``mlproject.model``,
+value). Tags used (``mlproject.tracking.names``; ARCHITECTURE.md "Run conventions"): ``mlproject.step``, ``mlproject.model``,
 ``mlproject.base_model``, ``mlproject.family``, ``mlproject.upstream_run``, ``mlproject.role``
 and ``mlproject.avg_acc_metrics`` (JSON ``{"boolq": "acc", …}``: which metric each task
 contributed to ``avg_acc``). MLflow's own ``mlflow.parentRunId`` is kept as ``parent_run``.
@@ -39,20 +39,22 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from mlproject.errors import UserError
+from mlproject.tracking import names
 
 log = logging.getLogger(__name__)
 
+#: ``RunSet.runs`` column → the tag it is read from (tracking.names: the names the steps write).
 TAG_KEYS = {
-    "step": "mlproject.step",
-    "model": "mlproject.model",
-    "base_model": "mlproject.base_model",
-    "family": "mlproject.family",
-    "upstream_run": "mlproject.upstream_run",
-    "role": "mlproject.role",
-    "avg_acc_metrics": "mlproject.avg_acc_metrics",
-    "parent_run": "mlflow.parentRunId",
+    "step": names.STEP_TAG,
+    "model": names.MODEL_TAG,
+    "base_model": names.BASE_MODEL_TAG,
+    "family": names.FAMILY_TAG,
+    "upstream_run": names.UPSTREAM_TAG,
+    "role": names.ROLE_TAG,
+    "avg_acc_metrics": names.AVG_ACC_METRICS_TAG,
+    "parent_run": names.PARENT_RUN_TAG,
 }
-REUSED_TAG = "mlproject.reused_from"
+REUSED_TAG = names.REUSED_FROM_TAG
 #: Evaluation settings that make two runs' numbers comparable (or not): column ``setting:<name>``
 #: of ``RunSet.runs``, read from the first of these params / tags the run has (``resolved.<p>`` is
 #: what a step logged beside the raw value ``mlflow run`` logged). PPL settings are the ones used.
@@ -467,7 +469,7 @@ def _first_line(text: str) -> str:
     return (text or "").strip().splitlines()[0] if text else ""
 
 
-#: Artifact each code task's per-problem results are logged to (steps/evaluate.py).
+#: Artifact each code task's per-problem results are logged to (steps/shared/evaluation.py).
 CODE_ARTIFACT = "code/{task}.json"
 PROBLEM_COLUMNS = ["run_id", "task", "problem", "passed", "time_s", "ref_time_s", "time_ratio"]
 

@@ -1,12 +1,14 @@
-"""What to compare (``CompareSpec``), validated up front. Imports nothing heavy."""
+"""What to compare (``CompareSpec``), validated up front. Imports nothing heavy: the view
+names come from the registry (``mlproject.compare.views.VIEWS``), which imports a view's
+module only when the view is used."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from mlproject.compare.views import VIEWS, unknown_view
 from mlproject.errors import UserError
 
-VIEWS = ("summary", "versus", "ranking")
 FORMATS = ("md", "csv", "json", "html", "png")
 STATUSES = ("FINISHED", "RUNNING", "FAILED", "KILLED", "SCHEDULED")
 
@@ -31,7 +33,8 @@ class CompareSpec:
     baseline [baseline]: ``<run id>``, ``id:<id>``, ``name:<run name>``, a bare run name,
         ``role:<role>`` (the run with that role in each model family), or several joined by
         ``|`` (per metric the best of them). Empty: versus needs exactly two runs.
-    view [view]: summary | versus | ranking | all (comma-separated subsets allowed).
+    view [view]: summary | versus | ranking | all (comma-separated subsets allowed; the names
+        are the registry's, ``mlproject.compare.views.VIEWS``).
     metrics [metrics]: restrict versus / ranking to these metrics: full keys (``mbpp/avg_time``),
         leaves (``pass@1`` matches ``*/pass_at_1``), task names (their headline score) or
         prefixes (``ppl``). Empty: task scores, ``avg_acc``, ``ppl/*`` and directed metrics.
@@ -70,9 +73,9 @@ class CompareSpec:
         self.baseline = (self.baseline or "").strip()
         views = split_list(self.view) or ("all",)
         for v in views:
-            if v not in (*VIEWS, "all"):
-                raise UserError(f"unknown view {v!r}: choose from {', '.join(VIEWS)}, all")
-        self.view = VIEWS if "all" in views else tuple(v for v in VIEWS if v in views)
+            if v not in VIEWS and v != "all":
+                raise unknown_view(v)
+        self.view = tuple(VIEWS) if "all" in views else tuple(v for v in VIEWS if v in views)
         self.formats = split_list(self.formats) or FORMATS
         for f in self.formats:
             if f.lower() not in FORMATS:
