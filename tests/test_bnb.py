@@ -87,3 +87,30 @@ def test_save_reload_identical_after_forward(tiny_dirs, tmp_path, method):
         again = reloaded(input_ids=ids).logits
     assert torch.equal(before, after_save)
     assert torch.equal(before, again)
+
+
+@pytest.mark.parametrize("method", ["bnb-nf4", "bnb-int8"])
+def test_the_method_registry_sizes_and_prepares_bnb_checkpoints(tiny_dirs, tmp_path, method):
+    """Evaluation sizes and loading prepares a model by the format its config declares, through
+    the method registry: bitsandbytes checkpoints count their quant state and, reloaded on CPU,
+    keep their 4-bit weights in the serializable layout; a float model is just its tensors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mlproject.compression import methods
+    from mlproject.compression.methods.bnb import BNB
+    from mlproject.evaluation.engine import model_metrics
+    from mlproject.models import loading
+    from mlproject.models.reference import resolve
+
+    model = _load(tiny_dirs["llama"], method)
+    assert methods.checkpoint_format(model) == "bitsandbytes" and methods.for_model(model) is BNB
+    assert methods.model_size_mb(model) == model_size_mb(model) == model_metrics(model)["model_size_mb"]
+    assert methods.model_size_mb(model) > methods.tensor_bytes(model) / 2**20  # quant state counted
+    fp32 = AutoModelForCausalLM.from_pretrained(tiny_dirs["llama"])
+    assert methods.for_model(fp32) is None and methods.model_size_mb(fp32) == model_size_mb(fp32)
+    model.save_pretrained(tmp_path / "q")
+    AutoTokenizer.from_pretrained(tiny_dirs["llama"]).save_pretrained(tmp_path / "q")
+    reloaded = loading.load_model(resolve(str(tmp_path / "q")), device="cpu").model
+    four_bit = [m for m in reloaded.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(four_bit) == (0 if method == "bnb-int8" else 14)
+    assert all(m.support_avx512bf16_for_cpu is False for m in four_bit)

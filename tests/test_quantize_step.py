@@ -1,10 +1,14 @@
 """The quantize step end to end on tiny models, recorded in a real `mlflow server`."""
 
+import time
+
 import pytest
 
 import tiny
 from conftest import assert_bad_input, mlflow_client
+from mlproject.compression import methods as quant_methods
 from mlproject.config import EvaluateConfig, QuantizeConfig
+from mlproject.errors import UserError
 from mlproject.models import loading
 from mlproject.steps import evaluate, quantize
 
@@ -178,3 +182,99 @@ def test_adapter_is_merged_before_quantizing(method, mlflow_uri, tiny_dirs, ppl_
         deq = bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state).float().cpu()
         assert (deq - merged_q).abs().max() < 0.2 * merged_q.abs().max()  # nf4 of the merged weight
         assert (deq - merged_q).abs().mean() < 0.5 * (deq - base_q).abs().mean()
+
+
+# ------------------------------------------------------------------ the method registry
+
+def test_the_method_parameter_comes_from_the_registry():
+    import dataclasses
+
+    from mlproject.compression import methods as quant_methods
+
+    f = next(f for f in dataclasses.fields(QuantizeConfig) if f.name == "method")
+    assert tuple(f.metadata["choices"]) == quant_methods.names() == ("rtn", "bnb-nf4", "bnb-fp4", "bnb-int8")
+    assert f.metadata["help"] == quant_methods.help_text()
+    with pytest.raises(UserError, match=r"^method 'gptq' is not one of: rtn, bnb-nf4, bnb-fp4, bnb-int8$"):
+        QuantizeConfig(method="gptq")
+    with pytest.raises(UserError, match=r"^unknown quantization method 'gptq'; choose one of: rtn, bnb-nf4"):
+        quant_methods.get("gptq")
+    # a field only another method reads is refused, not ignored; the value a method implies is no error
+    with pytest.raises(UserError, match=r"^scheme='asymmetric' applies to method=rtn only; bnb-fp4 stores 4-bit"):
+        QuantizeConfig(method="bnb-fp4", scheme="asymmetric")
+    assert QuantizeConfig(method="bnb-int8", w_bits=8).w_bits == 8
+
+
+def test_listing_methods_imports_nothing_heavy():
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    code = ("import sys; from mlproject.compression import methods; from mlproject.config import QuantizeConfig; "
+            "methods.names(); methods.help_text(); [methods.get(n) for n in methods.names()]; "
+            "print(sorted(m for m in ('torch', 'transformers', 'bitsandbytes', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=subprocess_env())
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+class NoopMethod(quant_methods.QuantMethod):
+    """The smallest method there is: the weights are stored as loaded. Adding it to the platform
+    is this class in one module plus one line in ``compression.methods.METHODS``."""
+
+    names = ("noop",)
+    help = "noop (weights stored unchanged)"
+
+    def quantize(self, cfg, ctx):
+        start = time.perf_counter()
+        loaded = ctx.load()
+        size = quant_methods.model_size_mb(loaded.model)
+        return quant_methods.Quantized(
+            loaded=loaded, report=["**No quantization (noop).** The weights are stored as loaded."],
+            metrics={"quant_seconds": time.perf_counter() - start,
+                     "params_b": sum(p.numel() for p in loaded.model.parameters()) / 1e9,
+                     "model_size_mb": size, "model_size_mb_before": size,
+                     "effective_bits": 8 * ctx.dtype.itemsize},
+            note="noop: the weights are unchanged.")
+
+
+NOOP = NoopMethod()
+
+
+def test_a_new_method_is_one_module_and_one_registry_line(monkeypatch, mlflow_uri, tiny_dirs, ppl_text_file,
+                                                          tmp_path, capsys):
+    import dataclasses
+
+    import torch
+
+    from mlproject import tracking
+    from mlproject.models.reference import resolve
+
+    monkeypatch.setitem(quant_methods.METHODS, "noop", f"{__name__}:NOOP")
+    assert quant_methods.names()[-1] == "noop" and quant_methods.get("noop") is NOOP
+    assert "noop" in next(f for f in dataclasses.fields(QuantizeConfig) if f.name == "method").metadata["choices"]
+    assert quant_methods.help_text().endswith(", noop (weights stored unchanged)")
+    with pytest.raises(UserError, match=r"^group_size=64 applies to method=rtn only; noop does not use it"):
+        QuantizeConfig(method="noop", group_size=64)
+    result = run_quantize(mlflow_uri, tiny_dirs["llama"], ppl_text_file, method="noop", dtype="float32")
+    run = mlflow_client(mlflow_uri).get_run(result.run_id)
+    tags, params, m = run.data.tags, run.data.params, run.data.metrics
+    assert run.info.status == "FINISHED" and run.info.run_name == "quantize:llama:noop"
+    assert tags["mlproject.quant.method"] == "noop" and tags["mlproject.quant.simulated"] == "false"
+    assert tags["mlproject.role"] == "quantized" and tags["mlproject.base_model"] == str(tiny_dirs["llama"])
+    assert params["method"] == "noop" and params["simulated"] == "false" and "w_bits" not in params
+    assert m["model_size_mb"] == m["model_size_mb_before"] and m["effective_bits"] == 32
+    assert m["params_b"] == pytest.approx(115008 / 1e9) and {"ppl/sample", "mlp_capitals/acc", "avg_acc"} <= set(m)
+    md = open(mlflow_client(mlflow_uri).download_artifacts(run.info.run_id, "report.md", str(tmp_path))).read()
+    assert "## Quantization" in md and "No quantization (noop)" in md and "calibration-free" in md
+    # the logged model is the input, weight for weight, and feeds the next step
+    reloaded = loading.load_model(resolve(result.model_uri), fetch=tracking.download, dtype="float32").model
+    original = loading.load_model(resolve(str(tiny_dirs["llama"])), dtype="float32").model
+    assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(reloaded.state_dict().values(),
+                                                             original.state_dict().values()))
+    ev = run_eval(mlflow_uri, result.model_uri, ppl_text_file, tasks="none", dtype="float32")
+    assert ev.ppl["sample"] == pytest.approx(m["ppl/sample"], rel=1e-5)
+    # through the CLI, a field it does not read still fails before any run or weights
+    assert_bad_input(["quantize", "--model", str(tiny_dirs["llama"]), "--method", "noop", "--w-bits", "3"],
+                     "w_bits=3 applies to method=rtn only; noop does not use it (leave w_bits at its default)",
+                     mlflow_uri, "bad-quantize-noop", capsys, monkeypatch)

@@ -207,3 +207,25 @@ def test_lm_head_only_when_named():
     head = model.lm_head.weight.clone()
     rep = quantize_model(model, RTNConfig(w_bits=4, group_size=32, modules="lm_head"))
     assert rep.layers == 1 and not torch.equal(model.lm_head.weight, head)
+
+
+def test_the_rtn_method_checks_layer_shapes_on_a_weightless_model():
+    """The registry's RTN method: the step's settings are the library's RTNConfig, checked against
+    every layer of a meta-device model (no weights) before a run; what its run records."""
+    from mlproject.compression.methods import get
+    from mlproject.compression.methods.rtn import RTN
+    from mlproject.config import QuantizeConfig
+    from mlproject.models.loading import meta_model
+
+    config = tiny.make_config("llama")
+    ok = QuantizeConfig(group_size=32, w_bits=8)
+    assert get("rtn") is RTN and RTN.settings(ok) == RTNConfig(w_bits=8, group_size=32)
+    built = []
+    RTN.check_model(ok, config, lambda: built.append(1) or meta_model(config))
+    assert built == [1]
+    RTN.check_model(ok, config, lambda: None)  # no meta model (e.g. non-uniformly pruned): checked after loading
+    with pytest.raises(UserError, match=r"group_size=128 does not divide in_features=64"):
+        RTN.check_model(QuantizeConfig(), config, lambda: meta_model(config))
+    assert RTN.simulated(ok) and RTN.run_name_suffix(ok) == "-w8"
+    assert RTN.run_params(ok) == {"w_bits": 8, "group_size": 32, "granularity": "per_group", "scheme": "symmetric"}
+    assert RTN.tags(ok) == {"quant.method": "rtn", "quant.simulated": "true"}

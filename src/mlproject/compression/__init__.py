@@ -1,7 +1,8 @@
 """Model compression: RTN weight quantization (pure tensors), bitsandbytes configs, structured pruning.
 
-No MLflow here; ``mlproject.steps`` composes these with tracking. Submodules import torch /
-transformers lazily, so importing this package is cheap.
+The quantization methods the quantize step offers are registered in ``compression.methods``
+(one module per method family). No MLflow here; ``mlproject.steps`` composes these with
+tracking. Submodules import torch / transformers lazily, so importing this package is cheap.
 """
 
 from mlproject.compression.bnb import BNB_METHODS, bnb_config, disable_cpu_repacking, model_size_mb

@@ -132,3 +132,43 @@ def model_size_bytes(model) -> int:
 def model_size_mb(model) -> float:
     """:func:`model_size_bytes` in MB (2^20 bytes)."""
     return model_size_bytes(model) / MB
+
+
+def quantized_layers(model) -> list:
+    """The model's bitsandbytes layers (``Linear4bit`` / ``Linear8bitLt``)."""
+    import bitsandbytes as bnb
+
+    return [m for m in model.modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
+
+
+def logical_params(module) -> int:
+    """Weights the module stands for, tied ones once: a 4-bit weight packs two values per
+    stored byte, its logical shape is in its quant state."""
+    import math
+
+    total = 0
+    for p in module.parameters():
+        shape = getattr(getattr(p, "quant_state", None), "shape", None)
+        total += math.prod(shape) if shape is not None else p.numel()
+    return total
+
+
+def summary(model, float_bytes: int) -> dict:
+    """Real sizes of a bitsandbytes model: quantized layers' bytes per weight, size before/after
+    (``float_bytes``: bytes per weight of the float dtype it was loaded from)."""
+    layers = quantized_layers(model)
+    q_weights = sum(logical_params(m) - (m.bias.numel() if m.bias is not None else 0) for m in layers)
+    q_bytes = sum(model_size_bytes(m) - (m.bias.numel() * m.bias.element_size() if m.bias is not None else 0)
+                  for m in layers)
+    size = model_size_bytes(model)
+    first = layers[0] if layers else None
+    qs = getattr(getattr(first, "weight", None), "quant_state", None)
+    return {
+        "layers": len(layers),
+        "weights": q_weights,
+        "effective_bits": 8 * q_bytes / q_weights if q_weights else float("nan"),
+        "model_size_mb": size / MB,
+        "model_size_mb_before": (size - q_bytes + q_weights * float_bytes) / MB,
+        "params": logical_params(model),
+        "blocksize": getattr(qs, "blocksize", None),
+    }

@@ -228,12 +228,12 @@ def load_model(
         if ref.kind == "hub" or ref.kind == "alias":
             raise UserError(f"cannot load {ref.raw!r} from the Hugging Face hub: {exc}".splitlines()[0]) from exc
         raise
-    if device == "cpu" and _has_4bit_layers(model):
-        from mlproject.compression.bnb import disable_cpu_repacking
+    from mlproject.compression import methods as quant_methods
 
-        # bitsandbytes' CPU repacking corrupts a later save_pretrained (see compression/bnb.py).
-        disable_cpu_repacking(model)
-    elif quantization_config is None and getattr(model, "hf_quantizer", None) is None:
+    # A quantized checkpoint (config.json's quant_method) is prepared by the method family that
+    # writes it (bitsandbytes on CPU: no weight repacking, which corrupts a later save).
+    prepared = quant_methods.prepare_loaded(model, device)
+    if not prepared and quantization_config is None and getattr(model, "hf_quantizer", None) is None:
         model.to(device)
     model.eval()
     if tok.pad_token is None:
@@ -280,10 +280,6 @@ def resolve_adapter(adapter: str) -> ModelRef:
 def _is_nonuniform_pruned(local: Path) -> bool:
     cfg = local / "config.json"
     return cfg.is_file() and bool(json.loads(cfg.read_text()).get("pruned_layer_sizes"))
-
-
-def _has_4bit_layers(model) -> bool:
-    return any(type(m).__name__ == "Linear4bit" for m in model.modules())
 
 
 def peek_config(ref: ModelRef, fetch: Fetch | None = None):
