@@ -87,3 +87,46 @@ def test_bad_code_parameters_are_user_errors(mlflow_uri, capsys, monkeypatch):
                                 ("--code-timing-repeats", "x", "code_timing_repeats 'x'")):
         assert_bad_input(["evaluate", "--tasks", "code_offline", flag, value], needle, mlflow_uri,
                          "test-code-bad", capsys, monkeypatch)
+
+
+def test_a_context_too_short_for_the_generation_is_refused_before_loading(tiny_dirs, mlflow_uri, capsys,
+                                                                           monkeypatch):
+    # The tiny model has 256 positions and code_offline generates up to 256 tokens: lm-eval
+    # would assert after the weights loaded and the run opened (the run ended FAILED).
+    assert_bad_input(["evaluate", "--model", str(tiny_dirs["llama"]), "--tasks", "code_offline,mlp_arith",
+                      "--ppl-dataset", "none"],
+                     "has a context of 256 tokens, but task code_offline generates up to 256", mlflow_uri,
+                     "test-code-context", capsys, monkeypatch)
+    from mlproject.errors import UserError
+
+    cfg = EvaluateConfig(model=str(tiny_dirs["llama"]), tasks="code_offline,mlp_arith", ppl_dataset="none",
+                         tracking_uri=mlflow_uri)
+    with pytest.raises(UserError) as info:
+        evaluate.check(cfg)
+    assert "model=smollm2" in str(info.value) and "(tasks=mlp_arith)" in str(info.value), info.value
+
+
+def test_a_context_longer_than_the_generation_passes_the_check(tmp_path, mlflow_uri):
+    model = tiny.save_tiny(tmp_path / "llama", "llama", max_position_embeddings=257)
+    cfg = EvaluateConfig(model=str(model), tasks="code_offline", ppl_dataset="none", tracking_uri=mlflow_uri)
+    evaluate.check(cfg)  # one position is left for the prompt: lm-eval runs (left-truncating it)
+
+
+def test_generation_lengths_come_from_the_task_configs():
+    from pathlib import Path
+
+    import lm_eval.tasks
+    from lm_eval.tasks._index import Entry, Kind
+
+    from mlproject.evaluation import context
+
+    assert context.generation_lengths(["code_offline", "mlp_arith", "mlp_nonce"]) == {"code_offline": 256}
+    # lm-eval's own tasks through their index entry (includes resolved); building the real index
+    # takes lm-eval seconds to minutes, so the entries are made here.
+    root = Path(lm_eval.tasks.__file__).parent
+    index = {"humaneval": Entry("humaneval", Kind.TASK, root / "humaneval" / "humaneval.yaml"),
+             "arc_easy": Entry("arc_easy", Kind.TASK, root / "arc" / "arc_easy.yaml"),
+             "mmlu": Entry("mmlu", Kind.GROUP, None)}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(context, "_task_index", lambda tasks: index)
+        assert context.generation_lengths(["humaneval", "arc_easy", "mmlu"]) == {"humaneval": 1024}

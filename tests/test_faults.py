@@ -142,8 +142,35 @@ def test_four_concurrent_first_runs_on_a_new_sqlite_store(tiny_dirs, ppl_text_fi
     assert [p.returncode for p in procs] == [0, 0, 0, 0], "\n".join(err[-2000:] for _, err in results)
     client = mlflow_client(uri)
     runs = client.search_runs([client.get_experiment_by_name("first-use").experiment_id])
-    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+    everywhere = {e.name: len(client.search_runs([e.experiment_id])) for e in client.search_experiments()}
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}, everywhere
     assert all("ppl/sample" in r.data.metrics for r in runs)
+
+
+def test_the_loser_of_a_race_to_create_the_experiment_runs_in_it(tmp_path, monkeypatch):
+    # The interleaving behind a lost run in the test above, made deterministic: another process
+    # created the experiment just after this one looked it up. MLflow's set_experiment then
+    # returns the experiment without making it active, and a run started without its id
+    # landed in "Default".
+    from mlflow.tracking import MlflowClient
+    from mlflow.tracking._tracking_service.client import TrackingServiceClient
+
+    from mlproject import tracking
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracking.check_server(uri)
+    winner = MlflowClient(uri).create_experiment("raced")
+    real, looks = TrackingServiceClient.get_experiment_by_name, []
+
+    def stale_first_look(self, name):
+        looks.append(name)
+        return None if len(looks) == 1 else real(self, name)
+
+    monkeypatch.setattr(TrackingServiceClient, "get_experiment_by_name", stale_first_look)
+    with tracking.step_run("evaluate", experiment="raced", log_env=False) as run:
+        pass
+    assert looks and run.experiment_id == winner
+    assert MlflowClient(uri).get_run(run.run_id).info.experiment_id == winner
 
 
 # -- finding 10: Ctrl-C, shared cache folders, artifact downloads, JSONL errors ------------
@@ -238,7 +265,7 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
 def test_eval_seconds_leaves_out_tracking_stalls(tiny_dirs, ppl_text_file, monkeypatch):
     import types
 
-    from mlproject.config import EvalOptions
+    from mlproject.evaluation.options import EvalOptions
     from mlproject.models import loading
     from mlproject.models.reference import resolve
     from mlproject.evaluation import engine as evaluate  # the evaluation engine measures; steps log

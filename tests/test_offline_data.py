@@ -161,21 +161,65 @@ def test_include_path_rewrites_data_files_to_absolute_paths(tmp_path):
 
 
 def test_include_path_is_safe_under_concurrency(tmp_path):
-    results, errors = [], []
+    # Rounds of callers released together, on an empty cache and on a damaged one (a tmp cleaner
+    # removed a file): every caller must get the same whole folder and none may fail. The racy
+    # windows are microseconds wide, so this catches a regression only sometimes; the test
+    # below replays the interleaving behind the old failure deterministically.
+    real_name = include_path(cache_dir=tmp_path / "probe").name
+    for round_ in range(8):
+        base = tmp_path / f"round{round_}"
+        if round_ % 2:
+            damaged = base / real_name / BUNDLED_TASKS[0]
+            damaged.mkdir(parents=True)
+            (damaged / "stale.txt").write_text("left by a tmp cleaner's partial sweep")
+        barrier = threading.Barrier(8)
+        results, errors = [], []
 
-    def call():
-        try:
-            results.append(include_path(cache_dir=tmp_path))
-        except Exception as exc:  # pragma: no cover - reported below
-            errors.append(exc)
+        def call():
+            barrier.wait()
+            try:
+                path = include_path(cache_dir=base)
+                # The folder handed back is whole now, not only once every caller is done.
+                assert all((path / t / f"{t}.yaml").is_file() for t in BUNDLED_TASKS), path
+                results.append(path)
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
 
-    threads = [threading.Thread(target=call) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and len(set(results)) == 1
-    assert [p.name for p in tmp_path.iterdir()] == [results[0].name]  # no leftover temp folders
+        threads = [threading.Thread(target=call) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, f"round {round_}: {errors!r}"
+        assert len(results) == 8 and len(set(results)) == 1
+        assert [p.name for p in base.iterdir()] == [real_name]  # no leftover temp folders
+
+
+def test_include_path_never_removes_a_folder_another_caller_completed(tmp_path, monkeypatch):
+    # The interleaving behind the old failure (OSError 39 in a suite run), made deterministic:
+    # this caller looked (incomplete) just before another caller renamed its finished copy into
+    # place. The old code then deleted that folder as "partial", from under the callers already
+    # using it, while a third caller's failed rename found it half-deleted and raised. A loser
+    # must discard only its own copy and use the winner's.
+    import mlproject.evaluation.tasks as tasks
+
+    done = include_path(cache_dir=tmp_path)
+    # An open descriptor keeps the inode alive, so a deleted-and-rebuilt folder cannot reuse it.
+    fd = os.open(done, os.O_RDONLY)
+    try:
+        real, looks = tasks._complete, []
+
+        def stale_first_look(path):
+            looks.append(path)
+            return False if len(looks) == 1 else real(path)
+
+        monkeypatch.setattr(tasks, "_complete", stale_first_look)
+        assert include_path(cache_dir=tmp_path) == done
+        held = os.fstat(fd)
+        assert held.st_nlink > 0 and done.stat().st_ino == held.st_ino and real(done)
+    finally:
+        os.close(fd)
+    assert [p.name for p in tmp_path.iterdir()] == [done.name]
 
 
 def test_lm_eval_finds_and_runs_the_tasks_from_another_cwd(tmp_path, monkeypatch):

@@ -58,13 +58,22 @@ def text_path(spec: str) -> Path:
     return Path(spec).expanduser().resolve()
 
 
+# The built-in texts that come from the Hugging Face hub: name -> (data set id, config).
+HUB_TEXTS = {"wikitext2": ("wikitext", "wikitext-2-raw-v1")}
+
+
+def hub_source(spec: str) -> tuple[str, str] | None:
+    """The hub data set a PPL / calibration text loads from (checked before a run), or None."""
+    return HUB_TEXTS.get(spec)
+
+
 def load_text(spec: str) -> str:
     if spec == "offline":
         return text_path(spec).read_text()
-    if spec == "wikitext2":
+    if spec in HUB_TEXTS:
         from datasets import load_dataset
 
-        rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+        rows = load_dataset(*HUB_TEXTS[spec], split="test")
         return "\n\n".join(rows["text"])
     return Path(spec).expanduser().read_text()
 

@@ -1,4 +1,4 @@
-"""Before a model comes from the Hugging Face hub: is it cached, is the hub reachable, is it gated?
+"""Before a model or a data set comes from the Hugging Face hub: is it cached, is the hub reachable, is it gated?
 
 Without these checks an unreachable hub costs minutes of retries (~85 s and ~40 duplicated
 warnings for ``model=mistral``) before transformers gives up with "We couldn't connect", and
@@ -12,10 +12,15 @@ exists, and the error says what to do. Nothing here loads weights or touches MLf
   switches to offline mode, so no retries follow); an uncached one fails.
 * The hub answers but refuses the model's ``config.json`` (gated / private / missing): fail
   with the reason (a gated model needs its license accepted and ``HF_TOKEN``).
+
+Data sets (a PPL or calibration text such as ``wikitext2``, a training set such as
+``yahma/alpaca-cleaned``) follow the same rules through :func:`check_dataset`, with the
+``datasets`` library's cache and offline switch (``HF_DATASETS_OFFLINE``, else ``HF_HUB_OFFLINE``).
 """
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import urllib.error
@@ -87,7 +92,12 @@ def unreachable(url: str | None = None, seconds: float | None = None) -> str | N
 
 def go_offline(reason: str) -> None:
     """Use only the local cache from now on in this process (no more hub retries)."""
+    import sys
+
     os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    if "datasets.config" in sys.modules:  # it read the switch when it was imported
+        sys.modules["datasets.config"].HF_HUB_OFFLINE = True
     try:
         import huggingface_hub.constants as hub_constants
 
@@ -117,7 +127,61 @@ def check_model(raw: str, repo_id: str, what: str = "model", filename: str = "co
         _check_access(label, repo_id, filename)
 
 
-def _check_access(label: str, repo_id: str, filename: str) -> None:
+def datasets_offline() -> bool:
+    """The ``datasets`` library will not download (its own switch wins over the hub's)."""
+    value = os.environ.get("HF_DATASETS_OFFLINE")
+    return _true(value) if value is not None else offline()
+
+
+def datasets_cache_dir() -> Path:
+    """The ``datasets`` cache as the environment says now."""
+    if os.environ.get("HF_DATASETS_CACHE"):
+        return Path(os.environ["HF_DATASETS_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or str(Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "huggingface")
+    return Path(home).expanduser() / "datasets"
+
+
+def dataset_cached(repo_id: str, config: str | None = None) -> bool:
+    """``load_dataset(repo_id, config)`` can be answered from the local cache: offline, ``datasets``
+    looks only for a prepared copy in its cache, ``<namespace>___<name>/<config>/<version>/<hash>/``."""
+    from datasets.naming import camelcase_to_snakecase  # the loader's own spelling of the folder
+
+    parts = repo_id.split("/")
+    parts[-1] = camelcase_to_snakecase(parts[-1])
+    root = datasets_cache_dir() / "___".join(parts)
+    pattern = os.path.join(glob.escape(str(root)), glob.escape(config) if config else "*", "*", "*")
+    return any(os.path.isdir(p) for p in glob.glob(pattern))
+
+
+def check_dataset(raw: str, repo_id: str, config: str | None = None, what: str = "dataset",
+                  instead: str = "") -> None:
+    """Fail fast, with advice, when a data set that ``datasets.load_dataset`` would fetch from the hub
+    cannot come from it: the rules of :func:`check_model`. ``instead``: the offline alternative."""
+    source = ", ".join(x for x in (repo_id, config) if x)
+    label = f"{what} {raw!r}" + (f" ({source})" if source != raw else "")
+    alternative = f"; or use the bundled data: {instead}" if instead else ""
+    cached = dataset_cached(repo_id, config)
+    if datasets_offline():
+        if not cached:
+            flags = [n for n in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+                     if _true(os.environ.get(n))]
+            raise UserError(f"{label} is not in the local datasets cache ({datasets_cache_dir()}) and "
+                            f"{' '.join(f + '=1' for f in flags)} forbid{'s' if len(flags) == 1 else ''} downloading "
+                            f"it; what to do: unset {', '.join(flags)} where there is network and load it once "
+                            f"there (then copy that cache here){alternative}")
+        return
+    reason = unreachable()
+    if reason is not None:
+        if cached:
+            go_offline(reason)
+            return
+        raise UserError(f"cannot reach the Hugging Face hub at {endpoint()} ({reason}) to download {label}; what to "
+                        f"do: check the network or proxy (or set HF_ENDPOINT to a mirror){alternative}")
+    if not cached:
+        _check_access(label, repo_id, "README.md", repo_type="dataset")
+
+
+def _check_access(label: str, repo_id: str, filename: str, repo_type: str | None = None) -> None:
     """A gated, private or missing repository fails here, not after minutes of loading."""
     try:
         from huggingface_hub import get_hf_file_metadata, hf_hub_url
@@ -125,9 +189,11 @@ def _check_access(label: str, repo_id: str, filename: str) -> None:
     except ImportError:  # pragma: no cover - a dependency
         return
     try:
-        get_hf_file_metadata(hf_hub_url(repo_id, filename, endpoint=endpoint()), timeout=timeout())
+        get_hf_file_metadata(hf_hub_url(repo_id, filename, repo_type=repo_type, endpoint=endpoint()),
+                             timeout=timeout())
     except GatedRepoError:
-        raise UserError(f"{label} is gated: accept its license at {endpoint()}/{repo_id} and set HF_TOKEN "
+        page = f"{endpoint()}/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
+        raise UserError(f"{label} is gated: accept its license at {page} and set HF_TOKEN "
                         "(or run `hf auth login`)") from None
     except RepositoryNotFoundError:
         raise UserError(f"{label}: no such repository on {endpoint()}, or it is private (then set HF_TOKEN); "

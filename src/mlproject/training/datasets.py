@@ -102,6 +102,15 @@ def resolve_spec(spec: str) -> tuple[str, dict[str, Any]]:
     return spec, {"split": "train"}
 
 
+def hub_id(spec: str) -> str | None:
+    """The Hugging Face hub data set a reference loads from (checked before a run), or None for
+    the bundled sets, local files and directories."""
+    path, kwargs = resolve_spec(spec)
+    if kwargs.get("data_files") or Path(path).is_dir():
+        return None
+    return path
+
+
 def input_spec(spec: str, data: "datasets.Dataset") -> dict[str, Any]:
     """The training data as a dataset spec for the run's inputs (``tracking.Run.log_datasets``)."""
     path, kwargs = resolve_spec(spec)

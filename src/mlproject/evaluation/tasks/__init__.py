@@ -15,6 +15,7 @@ against the process CWD, so callers hand lm-eval :func:`include_path` instead of
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -63,20 +64,44 @@ def _digest(files: dict[str, tuple[Path, dict[str, Path]]]) -> str:
     return h.hexdigest()[:16]
 
 
-def _materialize(files: dict[str, tuple[Path, dict[str, Path]]], dest: Path) -> None:
+# Written last into a folder: every task YAML before it is in place.
+_MARKER = ".complete"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``path`` through a private temporary file and a rename: readers see all or nothing."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; other users share the same folder
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _materialize(files: dict[str, tuple[Path, dict[str, Path]]], dest: Path, digest: str) -> None:
+    """Write the rewritten YAMLs into ``dest`` (new or partly there), then the completion marker.
+
+    Every caller writes byte-identical files for one digest, so several callers may write into
+    the same folder at once: each file is replaced atomically with the same content.
+    """
     import yaml
 
     for name, (yaml_path, data) in files.items():
         cfg = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
         cfg["dataset_kwargs"]["data_files"] = {split: str(p) for split, p in data.items()}
-        (dest / name).mkdir(parents=True)
+        (dest / name).mkdir(parents=True, exist_ok=True)
         text = (f"# Materialized by mlproject.evaluation.tasks.include_path() from {yaml_path}\n"
                 + yaml.safe_dump(cfg, sort_keys=False))
-        (dest / name / f"{name}.yaml").write_text(text, encoding="utf-8")
+        _write_atomically(dest / name / f"{name}.yaml", text)
+    _write_atomically(dest / _MARKER, digest + "\n")
 
 
 def _complete(path: Path) -> bool:
-    return all((path / name / f"{name}.yaml").is_file() for name in BUNDLED_TASKS)
+    return (path / _MARKER).is_file() and all(
+        (path / name / f"{name}.yaml").is_file() for name in BUNDLED_TASKS)
 
 
 def include_path(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -84,30 +109,37 @@ def include_path(cache_dir: str | os.PathLike | None = None) -> Path:
 
     It holds one rewritten YAML per task whose ``data_files`` are absolute paths into this
     package. The folder name carries a hash of the YAMLs, the data and their location, so it is
-    built once per content and reused; concurrent callers each build a private temporary folder
-    and atomically rename it into place, and the loser discards its copy.
+    built once per content and reused. Safe under concurrent callers (threads, processes, users
+    sharing ``$TMPDIR``): each builds a private temporary folder, completion marker last, and
+    atomically renames it into place; a loser of the rename discards only its own copy and uses
+    the winner's. Nobody ever deletes the shared folder: a caller that saw it incomplete may be
+    looking at one another caller completed a moment later (and has already handed to lm-eval).
+    A folder damaged afterwards (a tmp cleaner removed files) is repaired in place instead.
     """
     files = _task_files(tasks_root())
+    digest = _digest(files)
     base = Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir())
-    final = base / f"{_CACHE_PREFIX}{_digest(files)}"
+    final = base / f"{_CACHE_PREFIX}{digest}"
     if _complete(final):
         return final
     base.mkdir(parents=True, exist_ok=True)
-    if final.exists():  # a partial folder (e.g. a tmp cleaner removed files): rebuild it
-        shutil.rmtree(final, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=base))
     try:
-        _materialize(files, tmp)
+        _materialize(files, tmp, digest)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; other users share the same name
         try:
             os.rename(tmp, final)
-        except OSError:
-            # Another process renamed its copy first (the target is a non-empty folder).
-            if not _complete(final):
+            return final
+        except OSError as exc:
+            # Only "the target is a non-empty folder" means someone else's folder is there.
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    if not _complete(final):
+        # Not another caller's fresh copy (those appear whole) but a damaged old one.
+        _materialize(files, final, digest)
     return final
 
 
