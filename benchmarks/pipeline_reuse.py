@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 
 def pipeline(path: str, overrides: str, uri: str, experiment: str) -> tuple[float, dict]:
-    from mlproject.config import PipelineConfig
+    from mlproject.pipeline.config import PipelineConfig
     from mlproject.pipeline import runner
 
     start = time.perf_counter()

@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT / "src"))
 def one_search(args, tmp: Path, pruner: str) -> dict:
     import optuna
 
-    from mlproject.config import SearchConfig
     from mlproject.search import report, study as study_mod
+    from mlproject.search.config import SearchConfig
 
     import mlflow
     from mlflow.tracking import MlflowClient

@@ -3,7 +3,7 @@ objective, against bare Optuna in memory.
 
   bare    = optuna.create_study() in memory; the objective suggests the same three parameters
             and returns a formula (N trials)
-  search  = the search's own worker (mlproject.search.study.Worker) on a SQLite storage file and a
+  search  = the search's own worker (mlproject.search.workers.Worker) on a SQLite storage file and a
             local SQLite tracking store (or --tracking-uri, e.g. a running mlflow server): every
             trial is a pipeline run nested in the study run, with its params, tags, Optuna user
             attrs, per-level and final metrics, report.md and pipeline.yaml — only the pipeline's
@@ -65,13 +65,14 @@ def search(n: int, uri: str, tmp: Path, name: str = "overhead") -> tuple[float, 
     import optuna
 
     from mlproject import tracking
-    from mlproject.config import EvalOptions, SearchConfig
     from mlproject.evaluation.engine import plan_eval
+    from mlproject.evaluation.options import EvalOptions
     from mlproject.pipeline import runner
-    from mlproject.search import report, study as study_mod
+    from mlproject.search import report, storage as storage_mod, trials, workers
+    from mlproject.search.config import SearchConfig
     from mlproject.search.space import subset
 
-    class TrivialWorker(study_mod.Worker):
+    class TrivialWorker(workers.Worker):
         """The real worker; only the pipeline's steps and the model scoring are a formula."""
 
         def plan_trial(self, values):
@@ -83,9 +84,9 @@ def search(n: int, uri: str, tmp: Path, name: str = "overhead") -> tuple[float, 
             # level's metrics, the result
             value = formula(trial.params)
             prun.log_text("a stand-in for the target step's model\n", "model/README.md")
-            trial.set_user_attr(study_mod.ATTR_TARGET, {study_mod.ATTR_EVAL_KEY: self.eval_key(None),
-                                                        study_mod.ATTR_MODEL: f"runs:/{prun.run_id}/model"})
-            self.target_tags = {f"{study_mod.T}target_run": prun.run_id}
+            trial.set_user_attr(trials.ATTR_TARGET, {trials.ATTR_EVAL_KEY: self.eval_key(None),
+                                                     trials.ATTR_MODEL: f"runs:/{prun.run_id}/model"})
+            self.target_tags = {f"{workers.T}target_run": prun.run_id}
             self._same_eval("-", trial.number)
             prun.log_metrics_and_tags({"fidelity/avg_acc": value, "fidelity/documents": 1}, self.target_tags, step=1)
             return self._complete(trial, prun, {"avg_acc": value, "model_size_mb": 1.0, "system/search/documents": 1}, 1)
@@ -93,19 +94,19 @@ def search(n: int, uri: str, tmp: Path, name: str = "overhead") -> tuple[float, 
     mlflow.set_tracking_uri(uri)
     space = make_space(tmp, n)
     cfg = SearchConfig(space="-", storage=f"sqlite:///{tmp}/optuna.db", n_trials=n)
-    storage = study_mod.open_storage(cfg.storage, heartbeat=30)
-    study, _ = study_mod.open_study(storage, name, space)
+    storage = storage_mod.open_storage(cfg.storage, heartbeat=30)
+    study, _ = storage_mod.open_study(storage, name, space)
     checked = (None, plan_eval(EvalOptions(tasks="none", ppl_dataset="none")), [])
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with tracking.step_run("search", experiment="search-overhead", run_name=f"search:{name}") as srun:
-        ctx = study_mod.Context(cfg=cfg, study_name=name, experiment_id=srun.experiment_id,
-                                study_run_id=srun.run_id)
+        ctx = workers.Context(cfg=cfg, study_name=name, experiment_id=srun.experiment_id,
+                              study_run_id=srun.run_id)
         worker = TrivialWorker(ctx, space=space, study=study, checked=checked)
         start = time.perf_counter()
         worker.loop()
         loop = time.perf_counter() - start
         start = time.perf_counter()
-        report.finalize(study_mod._reload(study), space, srun, name)
+        report.finalize(storage_mod.reload_study(study), space, srun, name)
         end = time.perf_counter() - start
     done = [t for t in study.get_trials() if t.state.name == "COMPLETE"]
     assert len(done) == n, f"{len(done)} trials completed, {n} wanted"

@@ -39,7 +39,7 @@ def yaml_scalar(value) -> str:
 
 
 def shown_default(f: dataclasses.Field):
-    from mlproject.config import shown_default as shown
+    from mlproject.params import shown_default as shown
 
     return shown(f)
 

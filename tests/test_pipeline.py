@@ -369,7 +369,8 @@ def test_the_step_contract_nests_in_process(mlflow_uri, tiny_dirs, ppl_text_file
 def test_the_evaluation_engine_needs_no_run(tiny_dirs, ppl_text_file, mlflow_uri, monkeypatch):
     """plan → load → PPL + tasks → metrics with no tracking at all (what search and pipelines reuse)."""
     from mlproject import tracking
-    from mlproject.config import EvalOptions, EvaluateConfig
+    from mlproject.config import EvaluateConfig
+    from mlproject.evaluation.options import EvalOptions
     from mlproject.evaluation.engine import evaluate_model
     from mlproject.steps import evaluate
 
@@ -385,3 +386,16 @@ def test_the_evaluation_engine_needs_no_run(tiny_dirs, ppl_text_file, mlflow_uri
                                          experiment="engine", **opts))
     for key in ("ppl/sample", "mlp_nonce/acc", "avg_acc", "params_b"):
         assert out.metrics[key] == pytest.approx(logged.metrics[key], rel=1e-9)
+
+
+def test_hub_data_is_checked_before_any_step_runs(mlflow_uri, tiny_dirs, tmp_path, capsys, monkeypatch):
+    # compress_recover as shipped measures PPL on wikitext2 (a hub data set) from its first step.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    LoadCounter(monkeypatch, forbid=True)
+    path = ROOT / "pipelines" / "compress_recover.yaml"
+    assert run_cli(mlflow_uri, "pipe-hubdata", path, "--set", f"model={tiny_dirs['llama']} tasks=mlp_nonce") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "step 'base' (evaluate): ppl_dataset 'wikitext2'" in err[-1], err[-1]
+    assert "HF_HUB_OFFLINE=1" in err[-1] and "ppl_dataset=offline" in err[-1], err[-1]
+    assert runs_of(mlflow_uri, "pipe-hubdata") == []

@@ -96,11 +96,11 @@ def test_memory_warning_before_loading(tiny_dirs, mlflow_uri, monkeypatch, caplo
         available = 100 * 2**10  # 100 KiB: the tiny model's 115,008 fp32 parameters do not fit
 
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Mem())
-    caplog.set_level(logging.WARNING, logger="mlproject.steps.common")
+    caplog.set_level(logging.WARNING, logger="mlproject.steps.shared.checks")
     cfg = EvaluateConfig(model=str(tiny_dirs["llama"]), tasks="none", ppl_dataset="none", device="cpu",
                          dtype="float32", tracking_uri=mlflow_uri)
     evaluate.check(cfg)
-    (msg,) = [r.getMessage() for r in caplog.records if r.name == "mlproject.steps.common"]
+    (msg,) = [r.getMessage() for r in caplog.records if r.name == "mlproject.steps.shared.checks"]
     assert "~0.00 B parameters" in msg and "4 bytes per parameter, float32" in msg and "0.0 GiB of RAM" in msg
     assert "dtype=bfloat16" in msg and "model=smollm2" in msg
 
@@ -111,3 +111,55 @@ def test_alias_table_sizes_a_model_that_is_not_downloaded():
 
     # offline and not cached: no config to read, so the alias table's params_b answers
     assert loading.estimate_params(resolve("mistral")) == 7_250_000_000
+
+
+def fake_cached_dataset(cache, name: str, config: str) -> None:
+    """The layout `datasets` leaves in its cache once a data set was loaded (what offline loads find)."""
+    from pathlib import Path
+
+    (Path(cache) / name.replace("/", "___") / config / "0.0.0" / "0123abcd").mkdir(parents=True)
+
+
+def test_a_hub_dataset_offline_and_not_cached_fails_at_once(monkeypatch, tmp_path):
+    cache = tmp_path / "datasets-cache"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
+    monkeypatch.setattr(hub, "unreachable", lambda *a, **k: pytest.fail("probed the hub in offline mode"))
+    with pytest.raises(UserError) as info:
+        hub.check_dataset("wikitext2", "wikitext", "wikitext-2-raw-v1", what="calibration",
+                          instead="calibration=offline")
+    msg = str(info.value)
+    assert msg.startswith("calibration 'wikitext2' (wikitext, wikitext-2-raw-v1) is not in the local datasets cache")
+    assert "HF_HUB_OFFLINE=1" in msg and str(cache) in msg and "calibration=offline" in msg
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # every switch that is on is named
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 forbid downloading"):
+        hub.check_dataset("yahma/alpaca-cleaned", "yahma/alpaca-cleaned")
+    # Cached (another config of the same set does not count): no error.
+    fake_cached_dataset(cache, "wikitext", "wikitext-103-raw-v1")
+    with pytest.raises(UserError):
+        hub.check_dataset("wikitext2", "wikitext", "wikitext-2-raw-v1")
+    fake_cached_dataset(cache, "wikitext", "wikitext-2-raw-v1")
+    fake_cached_dataset(cache, "yahma/alpaca-cleaned", "default")
+    hub.check_dataset("wikitext2", "wikitext", "wikitext-2-raw-v1")
+    hub.check_dataset("yahma/alpaca-cleaned", "yahma/alpaca-cleaned")
+
+
+def test_a_hub_dataset_with_an_unreachable_hub(online, monkeypatch, tmp_path):
+    import os
+    import sys
+
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    with pytest.raises(UserError) as info:
+        hub.check_dataset("yahma/alpaca-cleaned", "yahma/alpaca-cleaned", instead="dataset=offline:sft_mlp_nonce")
+    assert f"cannot reach the Hugging Face hub at {online}" in str(info.value)
+    assert "dataset 'yahma/alpaca-cleaned'" in str(info.value) and "offline:sft_mlp_nonce" in str(info.value)
+    # Cached: used offline from now on, by datasets too (it read its switch at import).
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    fake_cached_dataset(tmp_path / "datasets-cache", "yahma/alpaca-cleaned", "default")
+    hub.check_dataset("yahma/alpaca-cleaned", "yahma/alpaca-cleaned")
+    assert os.environ["HF_DATASETS_OFFLINE"] == "1" and sys.modules["datasets.config"].HF_HUB_OFFLINE is True

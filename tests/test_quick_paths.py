@@ -4,7 +4,7 @@ run says what was scored (issue 11, item 5)."""
 import pytest
 
 from conftest import mlflow_client
-from mlproject.config import EvalOptions
+from mlproject.evaluation.options import EvalOptions
 from mlproject.errors import UserError
 from mlproject.evaluation.engine import plan_eval
 

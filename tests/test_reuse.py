@@ -98,7 +98,7 @@ def test_one_name_means_one_thing_across_steps():
 def test_peak_memory_is_the_steps_own_not_the_process_lifetime():
     import numpy as np
 
-    from mlproject.steps.common import PeakMemory
+    from mlproject.steps.shared.runs import PeakMemory
 
     with PeakMemory() as big:
         block = np.ones(400 * 2**20 // 8)  # 400 MB, touched

@@ -479,3 +479,32 @@ def test_mlflow_run_search_entry_point(tmp_path, pipeline_file, mlflow_uri):
     assert all(r.data.tags["mlflow.parentRunId"] == srun.info.run_id for r in trials.values())
     mv = mlflow_client(mlflow_uri).get_model_version_by_alias("search-mlflow-run", "best_acc")
     assert mv.tags["mlproject.study"] == "search-mlflow-run"
+
+
+def test_hub_data_of_the_pipeline_is_checked_before_any_trial(tmp_path, mlflow_uri, tiny_dirs, ppl_text_file,
+                                                               capsys, monkeypatch):
+    # compress_recover's defaults calibrate on wikitext2 and recover on yahma/alpaca-cleaned, both
+    # from the hub: offline and not cached, the search refuses up front instead of failing every
+    # trial after its pruning (the hub is never asked: offline mode, and a cache of our own).
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    monkeypatch.chdir(ROOT)
+
+    def must_not_load(*a, **k):
+        raise AssertionError("weights loaded despite data that cannot be had")
+
+    monkeypatch.setattr(loading, "load_model", must_not_load)
+    space = ROOT / "pipelines" / "spaces" / "compress_recover.yaml"
+    base = [f"model={tiny_dirs['llama']}", "tasks=mlp_nonce", f"ppl_dataset={ppl_text_file}", "seqlen=32"]
+    cases = (([], "step 'pruned' (prune): calibration 'wikitext2' (wikitext, wikitext-2-raw-v1) is not in the "
+                  "local datasets cache"),
+             (["pruned.calibration=offline"], "step 'recovered' (finetune): dataset 'yahma/alpaca-cleaned' is not "
+                                              "in the local datasets cache"))
+    for extra, needle in cases:
+        exp = f"search-hubdata-{len(extra)}"
+        storage = tmp_path / f"optuna-{len(extra)}.db"
+        assert cli.main(["search", str(space), "--set", " ".join(base + extra), "--tracking-uri", mlflow_uri,
+                         "--storage", f"sqlite:///{storage}", "--experiment", exp]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith("error: ") and needle in err[-1] and "HF_HUB_OFFLINE=1" in err[-1], err[-1]
+        assert runs_of(mlflow_uri, exp) == [] and not storage.exists()

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from mlproject.config import EvalOptions
+from mlproject.evaluation.options import EvalOptions
 from mlproject.errors import UserError
 from mlproject.evaluation import harness
 from mlproject.evaluation.engine import measure, plan_eval
@@ -160,7 +160,7 @@ def test_trials_that_take_a_slot():
     import optuna
     from optuna.trial import TrialState, create_trial
 
-    from mlproject.search.study import counted, tally
+    from mlproject.search.trials import counted, tally
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study()
@@ -205,13 +205,13 @@ def test_the_study_is_named_after_the_model_at_the_root_of_the_target_chain(tmp_
 
 def test_local_workers_sample_with_their_own_seeds(tmp_path, tiny_dirs):
     """Two workers with one seed drew the same first configurations at the same time."""
-    from mlproject.search import study as study_mod
+    from mlproject.search import workers
 
     pipe = tmp_path / "p.yaml"
     pipe.write_text(f"params: {{model: {tiny_dirs['llama']}}}\nsteps:\n  q: {{step: quantize, group_size: 32}}\n")
     space = space_mod.parse({"name": "s", "pipeline": str(pipe), "params": {"q.w_bits": {"int": [2, 8]}},
                              "sampler": {"type": "tpe", "seed": 5}})
-    spaces = [study_mod.worker_space(space, i) for i in range(3)]
+    spaces = [workers.worker_space(space, i) for i in range(3)]
     assert [s.sampler["seed"] for s in spaces] == [5, 6, 7] and spaces[0] is space
     assert len({s.fingerprint() for s in spaces}) == 1  # still one study
     import optuna
@@ -220,4 +220,4 @@ def test_local_workers_sample_with_their_own_seeds(tmp_path, tiny_dirs):
     assert len(set(firsts)) == 3  # the seeds draw different first values
     unseeded = space_mod.parse({"name": "s", "pipeline": str(pipe), "params": {"q.w_bits": {"int": [2, 8]}},
                                 "sampler": {"type": "random"}})
-    assert study_mod.worker_space(unseeded, 1) is unseeded
+    assert workers.worker_space(unseeded, 1) is unseeded

@@ -23,7 +23,7 @@ def config_class(step: str):
 
 def _help(f: dataclasses.Field) -> str:
     """The field's help with its default, said once (a help that names its default gets none added)."""
-    from mlproject.config import shown_default
+    from mlproject.params import shown_default
 
     text = f.metadata.get("help", "")
     shown = shown_default(f)

@@ -1,82 +1,25 @@
-"""Step configurations: dataclasses whose fields are the entry points' parameters.
+"""Step configurations: dataclasses whose fields are the steps' parameters.
 
-Each field is documented once, in its metadata ``help``; the CLI builds its flags from these
-fields and a test checks that ``MLproject`` declares the same parameters with the same
-defaults. Validation that needs no heavy import happens in ``__post_init__``.
+Each field is documented once, in its metadata ``help`` (``mlproject.params``); the CLI builds
+its flags from these fields and a test checks that ``MLproject`` declares the same parameters
+with the same defaults. Validation that needs no heavy import happens in ``__post_init__``.
+The options shared with other owners live beside the code that consumes them: how a model is
+evaluated in ``mlproject.evaluation.options``, the pipeline and search commands' options in
+``mlproject.pipeline.config`` and ``mlproject.search.config``; ``RunOptions`` (where a run is
+recorded) is here, for every one of them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from mlproject.compression.bnb import BNB_METHODS
+from mlproject.compare.views import VIEWS
+from mlproject.compression import methods as quant_methods
 from mlproject.errors import UserError
-
-
-def param(default: Any, help: str, choices: tuple | None = None, cli_only: bool = False,
-          positional: bool = False, repeat: bool = False, empty: str | None = None):
-    """A config field with its documentation (and the choices the CLI/validation accept).
-    ``positional``: the CLI also takes it as a bare argument; ``repeat``: the CLI flag may be
-    given several times (joined shell-quoted into the one string MLproject passes).
-    ``empty``: the word that stands for an empty value (``none``, ``all``, ``auto``) — MLproject
-    declares it as the default, because ``mlflow run`` logs an empty default as a literal ``''``."""
-    return field(default=default, metadata={"help": help, "choices": choices, "cli_only": cli_only,
-                                            "positional": positional, "repeat": repeat, "empty": empty})
-
-
-def shown_default(f: dataclasses.Field) -> Any:
-    """The default as MLproject, the README and --help show it (the ``empty`` word for "")."""
-    return f.metadata.get("empty") or f.default if f.default == "" else f.default
-
-
-def shown_value(cfg: Any, name: str) -> Any:
-    """A field's value as logged: an empty value as its ``empty`` word (what ``mlflow run`` logs)."""
-    value = getattr(cfg, name)
-    if value == "":
-        f = next(f for f in dataclasses.fields(cfg) if f.name == name)
-        return f.metadata.get("empty") or ""
-    return value
-
-
-def parse_bool(name: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    s = str(value).strip().lower()
-    if s in ("1", "true", "yes", "on"):
-        return True
-    if s in ("0", "false", "no", "off", ""):
-        return False
-    raise UserError(f"{name} {value!r} is not a boolean (true/false)")
-
-
-def check_choice(name: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise UserError(f"{name} {value!r} is not one of: {', '.join(map(str, choices))}")
-
-
-def coerce_fields(cfg) -> None:
-    """Coerce strings from MLproject/CLI into each field's declared type, naming bad values."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        try:
-            if kind == "bool":
-                value = parse_bool(f.name, value)
-            elif kind == "int" and not isinstance(value, int):
-                value = int(str(value).strip())
-            elif kind == "float" and not isinstance(value, float):
-                value = float(str(value).strip())
-        except ValueError:
-            raise UserError(f"{f.name} {value!r} is not a valid {kind}") from None
-        empty = f.metadata.get("empty")
-        if empty and isinstance(value, str) and value.strip().lower() == empty:
-            value = ""
-        setattr(cfg, f.name, value)
-        choices = f.metadata.get("choices")
-        if choices:
-            check_choice(f.name, value, choices)
+from mlproject.evaluation.options import CodeEvalOptions, EvalOptions
+from mlproject.params import coerce_fields, param
 
 
 @dataclass
@@ -86,69 +29,6 @@ class RunOptions:
     experiment: str = param("", "MLflow experiment name (default: $MLFLOW_EXPERIMENT_NAME or 'mlproject')", cli_only=True)
     run_name: str = param("", "run name (default: '<step>:<model>')", cli_only=True)
     tracking_uri: str = param("", "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the local store ./mlflow.db)", cli_only=True)
-
-
-@dataclass
-class EvalOptions:
-    """How a model is evaluated; shared by every step that evaluates its result."""
-
-    tasks: str = param("offline", "comma list of lm-eval tasks/groups and suites (zeroshot7, quant7, offline); 'none' to skip")
-    limit: str = param("", "documents per task: a count (50), a fraction (0.2) or all", empty="all")
-    num_fewshot: int = param(-1, "few-shot examples per task; -1 = each task's default")
-    batch_size: str = param("16", "lm-eval batch size (an integer or 'auto')")
-    ppl_dataset: str = param("offline", "perplexity text: offline, wikitext2, a .txt path, or none")
-    seqlen: int = param(2048, "perplexity window length in tokens (capped by the model's context)")
-    ppl_batch_size: int = param(1, "windows per forward pass when computing perplexity")
-    ppl_windows: int = param(-1, "perplexity windows scored: N = the first N (a quick, still deterministic PPL), "
-                             "0 = every window of the text, -1 = auto: every window, or with limit set as many "
-                             "as limit takes documents (limit=N: N windows, limit=f: that fraction of them)")
-    seed: int = param(42, "random seed of the run: lm-eval sampling and few-shot order, torch, calibration "
-                      "windows, and for finetune the LoRA init, data order and dropout")
-
-    def __post_init__(self):
-        coerce_fields(self)
-        from mlproject.evaluation.harness import parse_batch_size, parse_limit
-
-        parse_limit(self.limit)
-        parse_batch_size(self.batch_size)
-        if self.seqlen < 2:
-            raise UserError(f"seqlen {self.seqlen} must be at least 2")
-        if self.ppl_batch_size < 1:
-            raise UserError(f"ppl_batch_size {self.ppl_batch_size} must be at least 1")
-        if self.ppl_windows < -1:
-            raise UserError(f"ppl_windows {self.ppl_windows} must be -1 (auto), 0 (all windows) or a positive count")
-        if self.num_fewshot < -1:
-            raise UserError(f"num_fewshot {self.num_fewshot} must be -1 (task default) or >= 0")
-
-
-@dataclass
-class CodeEvalOptions:
-    """How code tasks (humaneval, mbpp, their _plus variants, code_offline) are scored."""
-
-    code_samples: int = param(1, "code tasks: completions per problem; 1 = greedy pass@1, n > 1 samples "
-                              "(temperature 0.8, top_p 0.95) and adds pass@10/pass@100 where k <= n "
-                              "(unbiased estimator)")
-    code_timeout: float = param(10.0, "code tasks: wall-clock seconds per program run (the process group is "
-                                "killed after it); CPU time, 1 GiB of memory, processes and file size are "
-                                "limited too")
-    code_timing_repeats: int = param(7, "code tasks: timed batches of each passing solution and of the "
-                                     "reference (interleaved, medians -> time_ratio); 0 = no timing")
-
-    def __post_init__(self):
-        coerce_fields(self)
-        if self.code_samples < 1:
-            raise UserError(f"code_samples {self.code_samples} must be at least 1")
-        if not 0 < self.code_timeout <= 3600:
-            raise UserError(f"code_timeout {self.code_timeout} must be in (0, 3600] seconds")
-        if self.code_timing_repeats < 0:
-            raise UserError(f"code_timing_repeats {self.code_timing_repeats} must be >= 0")
-
-    def code_settings(self):
-        from mlproject.evaluation.code.sandbox import Limits
-        from mlproject.evaluation.code.scoring import CodeSettings
-
-        return CodeSettings(samples=self.code_samples, limits=Limits(timeout_s=self.code_timeout),
-                            timing_repeats=self.code_timing_repeats)
 
 
 @dataclass
@@ -200,9 +80,8 @@ def _field_default(cls, name: str) -> Any:
 class QuantizeConfig(EvalOptions, ModelOptions, RunOptions):
     """`quantize`: weight quantization (simulated RTN or bitsandbytes), logged as a model, then evaluated."""
 
-    method: str = param("rtn", "rtn (simulated: weights rounded to the grid, stored dequantized), "
-                        "bnb-nf4, bnb-fp4 or bnb-int8 (real bitsandbytes layers via BitsAndBytesConfig)",
-                        choices=("rtn", *BNB_METHODS))
+    # Names, help and checks come from the method registry (one module per method family).
+    method: str = param("rtn", quant_methods.help_text(), choices=quant_methods.CHOICES)
     w_bits: int = param(4, "rtn: integer bits per weight, 2..8 (bnb methods fix their own: 4 or 8)")
     group_size: int = param(128, "rtn: input columns sharing one scale; must divide every quantized layer's "
                             "in_features (SmolLM2's 576: use 64 or 32); -1 = whole row")
@@ -212,25 +91,10 @@ class QuantizeConfig(EvalOptions, ModelOptions, RunOptions):
                          "layer-name substrings, e.g. q_proj,k_proj")
     evaluate: bool = param(True, EVALUATE_RESULT_HELP)
 
-    RTN_ONLY = ("w_bits", "group_size", "scheme", "granularity", "modules")
-
     def __post_init__(self):
-        EvalOptions.__post_init__(self)
-        if self.method == "rtn":
-            self.rtn_config()  # the library's own validation (bits, scheme, granularity, group size)
-            return
-        bits = 8 if self.method == "bnb-int8" else 4
-        for name in self.RTN_ONLY:
-            value = getattr(self, name)
-            if value != _field_default(type(self), name) and not (name == "w_bits" and value == bits):
-                raise UserError(f"{name}={value!r} applies to method=rtn only; {self.method} stores "
-                                f"{bits}-bit weights in bitsandbytes' own layout (leave {name} at its default)")
-
-    def rtn_config(self):
-        from mlproject.compression.rtn import RTNConfig
-
-        return RTNConfig(w_bits=self.w_bits, group_size=self.group_size, scheme=self.scheme,
-                         granularity=self.granularity, modules=self.modules)
+        EvalOptions.__post_init__(self)  # coerces every field; an unknown method lists the registered ones
+        # the method's own checks: RTN's settings; another method refuses RTN's fields it would ignore
+        quant_methods.get(self.method).validate(self)
 
 
 @dataclass
@@ -359,7 +223,7 @@ class CompareConfig:
                         empty="none")
     baseline: str = param("", "baseline: <run id>, name:<run name>, role:<role> (per model family), or a|b (best of "
                           "several); none = versus needs exactly two runs", empty="none")
-    view: str = param("all", "summary, versus, ranking or all (comma list allowed)")
+    view: str = param("all", f"{', '.join(VIEWS)} or all (comma list allowed)")
     metrics: str = param("", "metrics for versus/ranking: keys, leaves (pass@1), task names or prefixes; "
                          "auto = task scores, avg_acc, ppl", empty="auto")
     directions: str = param("", "better-direction overrides, e.g. avg_time=min,novelty=max", empty="none")
@@ -379,69 +243,3 @@ class CompareConfig:
     def __post_init__(self):
         coerce_fields(self)
         self.spec()  # validates view, format, directions with one clear line each
-
-
-@dataclass
-class PipelineConfig(RunOptions):
-    """`main` / `mlproject run`: a pipeline of steps from a YAML file, recorded as a parent run
-    with one child run per step; steps whose result already exists are reused."""
-
-    pipeline: str = param("pipelines/demo.yaml", "pipeline YAML file (or a name in pipelines/, e.g. demo)",
-                          positional=True)
-    set: str = param("", "overrides: key=value (every step that has the parameter) or <step>.key=value "
-                     "(one step); several separated by spaces (quote values with spaces), or --set repeated",
-                     repeat=True, empty="none")
-    dry_run: bool = param(False, "print the resolved steps, their keys and what would be reused; run nothing")
-    no_reuse: bool = param(False, "recompute every step, even those whose result exists")
-    rerun: str = param("", "comma list of steps to recompute, with every step that depends on them", empty="none")
-
-    def __post_init__(self):
-        coerce_fields(self)
-
-
-@dataclass
-class SearchConfig(RunOptions):
-    """`search`: an Optuna study whose trials are pipeline runs (children of the study run), scored
-    on nested random document subsets so a pruner can stop poor trials early; the best completed
-    trial per objective is tagged mlproject.role=best_acc / best_ppl and its model registered as
-    models:/<study>@best_acc / @best_ppl."""
-
-    space: str = param("pipelines/spaces/demo.yaml", "search space YAML file (or a name in pipelines/spaces/, "
-                       "e.g. demo)", positional=True)
-    model: str = param("", "model of the trial pipeline (its pipeline-wide model=…); auto = the pipeline's", empty="auto")
-    set: str = param("", "pipeline overrides for every trial: key=value or <step>.key=value; several separated "
-                     "by spaces, or --set repeated", repeat=True, empty="none")
-    n_trials: int = param(0, "trials the study holds when done (an earlier run's finished trials count; more "
-                          "extends the study); 0 = the space's n_trials")
-    study: str = param("", "Optuna study name, also the registered model's name; the same name resumes the study "
-                       "(auto: <space name>-<model>)", empty="auto")
-    storage: str = param("sqlite:///optuna.db", "Optuna storage: an SQLAlchemy URL (sqlite:///optuna.db, "
-                         "postgresql://user@host/db for many machines) or journal:<file> (Optuna's journal file)")
-    workers: int = param(1, "local worker processes sharing the study; each runs trials until it holds n_trials")
-    seed: int = param(-1, "sampler seed; -1 = the space's")
-    objectives: str = param("", "objectives instead of the space's: best_acc, best_ppl, or best_acc,best_ppl "
-                            "(a Pareto study, no pruner); the default study name then ends in them; auto = the space's", empty="auto")
-    pruner: str = param("", "pruner: none, wilcoxon, successive_halving, hyperband, median, percentile, threshold "
-                        "(its defaults); auto = the space's", empty="auto")
-    heartbeat: int = param(30, "RDB storage: seconds between a running trial's heartbeats; a trial silent for twice "
-                           "that (its worker was killed) is failed and retried; 0 = off")
-    max_retry: int = param(2, "times a trial whose worker died is retried with the same parameters")
-    timeout: float = param(0.0, "seconds after which this worker starts no new trial (0 = no limit)")
-    dry_run: bool = param(False, "check the space, print it and the study's state; run nothing")
-    experiment: str = param("", "MLflow experiment of the study run and its trials (default: $MLFLOW_EXPERIMENT_NAME, "
-                            "else the study name)", cli_only=True)
-
-    def __post_init__(self):
-        coerce_fields(self)
-        from mlproject.search.space import PRUNERS
-
-        if self.pruner and self.pruner not in PRUNERS:
-            raise UserError(f"pruner {self.pruner!r} is not one of: {', '.join(PRUNERS)}")
-        for name in ("workers",):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} {getattr(self, name)} must be at least 1")
-        for name in ("n_trials", "heartbeat", "max_retry", "timeout"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{name} {getattr(self, name)} must not be negative")
-        if self.seed < -1:
-            raise UserError(f"seed {self.seed} must be -1 (the space's) or a non-negative integer")

@@ -4,12 +4,12 @@ Every step measures a model through this module (evaluate, and quantize / prune 
 their outputs), pipelines and the search call it too, and :func:`evaluate_model` runs it
 without any tracking at all::
 
-    from mlproject.config import EvalOptions
+    from mlproject.evaluation.options import EvalOptions
     from mlproject.evaluation.engine import evaluate_model
     out = evaluate_model("smollm2", EvalOptions(tasks="mlp_nonce", limit="50", ppl_windows=4))
     out.metrics  # {"ppl/offline": …, "mlp_nonce/acc_norm": …, "avg_acc": …, "eval_seconds": …}
 
-Metric names are the run conventions' (DESIGN.md): ``ppl/<dataset>``, ``nll/<dataset>``,
+Metric names are the run conventions' (ARCHITECTURE.md, tracking.names): ``ppl/<dataset>``, ``nll/<dataset>``,
 ``<task>/<metric>``, ``avg_acc``, ``eval_seconds``.
 """
 
@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mlproject import distributed
-from mlproject.config import EvalOptions
 from mlproject.evaluation import harness, perplexity
+from mlproject.evaluation.options import EvalOptions
 from mlproject.progress import progress
 
 
@@ -102,7 +102,7 @@ class EvalPlan:
 
 def plan_eval(opts: EvalOptions) -> EvalPlan:
     """Validate and expand the options (unknown tasks / PPL text fail here, cheaply)."""
-    from mlproject.config import CodeEvalOptions
+    from mlproject.evaluation.options import CodeEvalOptions
     from mlproject.evaluation.code import lmeval, tasks as code_tasks
 
     tasks = harness.expand_tasks(opts.tasks)
@@ -267,8 +267,9 @@ def _digest(task: str, cfg: dict, n: int) -> str:
 
 
 def model_metrics(model) -> dict[str, float]:
-    """``params_b`` and ``model_size_mb`` (real bytes held, quantized layers included)."""
-    from mlproject.compression.bnb import model_size_mb
+    """``params_b`` and ``model_size_mb`` (real bytes held: a quantized checkpoint's method
+    family counts its packed weights and quant state)."""
+    from mlproject.compression.methods import model_size_mb
     from mlproject.models.loading import count_params
 
     return {"params_b": count_params(model) / 1e9, "model_size_mb": model_size_mb(model)}

@@ -35,14 +35,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from mlproject import progress, tracking
-from mlproject.config import PipelineConfig
 from mlproject.errors import StepFailed, UserError
 from mlproject.pipeline import spec as pspec
+from mlproject.pipeline.config import PipelineConfig
 from mlproject.steps import StepResult
+from mlproject.tracking import names
 
 log = logging.getLogger(__name__)
 
-T = tracking.TAG_PREFIX
 _RUN_ID = re.compile(r"runs:/([0-9a-f]{8,64})")
 
 
@@ -51,7 +51,7 @@ class PlannedStep:
     name: str
     step: str
     cfg: Any
-    key: str | None  # None: never reused (compare)
+    key: str | None  # None: never reused (a step whose StepInfo.reusable is false: compare)
     reuse: dict | None = None  # the FINISHED run that would be reused
     forced: bool = False
     changed: dict[str, str] = field(default_factory=dict)  # values that differ from the step's defaults
@@ -59,7 +59,7 @@ class PlannedStep:
     @property
     def action(self) -> str:
         if self.key is None:
-            return "run (compare always runs)"
+            return f"run ({self.step} always runs)"
         if self.forced:
             return "run (forced)"
         return f"reuse {self.reuse['run_id']}" if self.reuse else "run"
@@ -119,8 +119,7 @@ def plan(pipe: pspec.Pipeline, experiment: str, *, no_reuse: bool = False, rerun
             ps.info.load().check(cfg, None, pending=frozenset(pending_keys))
         except UserError as exc:
             raise UserError(f"pipeline {pipe.path}: step {name!r} ({ps.step}): {exc}") from None
-        reusable = ps.info.name != "compare"
-        key = ps.info.key(cfg, upstream_key=upstream_key) if reusable else None
+        key = ps.info.key(cfg, upstream_key=upstream_key) if ps.info.reusable else None
         stand_in = pspec.pending_run_id(name)
         if key:
             pending_keys[stand_in] = key
@@ -194,7 +193,7 @@ def execute(the_plan: Plan, *, cfg: PipelineConfig | None = None, parent: tracki
     params.update(extra_params or {})
     results: dict[str, StepResult] = {}
     with tracking.step_run("pipeline", experiment=the_plan.experiment, run_name=run_name or f"pipeline:{pipe.name}",
-                           tags={f"{T}pipeline": pipe.name, **(tags or {})}, parent=parent) as prun:
+                           tags={names.PIPELINE_TAG: pipe.name, **(tags or {})}, parent=parent) as prun:
         prun.log_params(params)
         if on_start is not None:
             on_start(prun)
@@ -237,7 +236,7 @@ def _run_one(prun: tracking.Run, planned: PlannedStep, cfg: Any) -> StepResult:
     from mlproject.steps import get
 
     info = get(planned.step)
-    tags = {f"{T}pipeline_step": planned.name}
+    tags = {names.PIPELINE_STEP_TAG: planned.name}
     if planned.key and not planned.forced:
         # Looked up again now: an earlier step of this very pipeline may have produced it.
         found = tracking.find_reusable(planned.key, prun.experiment_id)
@@ -279,9 +278,10 @@ def _log_report(prun: tracking.Run, the_plan: Plan, results: dict[str, StepResul
     title = f"pipeline {the_plan.pipe.name}"
     text = f"## {title}\n\n" + (the_plan.pipe.description + "\n\n" if the_plan.pipe.description else "")
     text += md_table(["step", "kind", "run", "status", "headline"], rows) + "\n"
-    compares = [r for n, r in results.items() if r.step == "compare" and r.details.get("markdown")]
-    if compares:
-        text += "\n" + compares[-1].details["markdown"] + "\n"
+    # The last Markdown report a step returned (compare's tables) closes the pipeline's report.
+    reports = [r for r in results.values() if r.details.get("markdown")]
+    if reports:
+        text += "\n" + reports[-1].details["markdown"] + "\n"
     try:
         prun.log_text(text, "report.md")
     except Exception:  # reporting must not hide the step's own error

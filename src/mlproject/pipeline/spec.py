@@ -166,8 +166,8 @@ def _parse_ref(body: str, pipe: Pipeline, owner: str) -> tuple[str, str]:
     if attr not in REF_FIELDS:
         raise UserError(f"pipeline {pipe.path}: step {owner!r}: unknown field {attr!r} in ${{{body}}}; "
                         f"known: {', '.join(REF_FIELDS)}")
-    if attr == "model_uri" and pipe.steps[step].step == "compare":
-        raise UserError(f"pipeline {pipe.path}: step {owner!r}: ${{{body}}}: a compare step has no model")
+    if attr == "model_uri" and not pipe.steps[step].info.names_model():
+        raise UserError(f"pipeline {pipe.path}: step {owner!r}: ${{{body}}}: a {pipe.steps[step].step} step has no model")
     return step, attr
 
 

@@ -20,7 +20,6 @@ importances, the optimization history, and a report.md.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import tempfile
 from dataclasses import dataclass, field
@@ -29,10 +28,13 @@ from typing import Any
 
 from mlproject import tracking
 from mlproject.report import md_table
+from mlproject.search.trials import (ATTR_ERROR, ATTR_LEVEL, ATTR_METRICS, ATTR_MODEL, ATTR_RUN, ATTR_TARGET,
+                                     STUDY_WINNERS, counted, tally)
+from mlproject.tracking import names
 
 log = logging.getLogger(__name__)
 
-T = tracking.TAG_PREFIX
+T = names.TAG_PREFIX
 ROLES = ("best_acc", "best_ppl")
 
 
@@ -45,8 +47,6 @@ class Summary:
 
 def trial_rows(study) -> "list[dict[str, Any]]":
     """One dict per counted trial, in trial-number order."""
-    from mlproject.search.study import ATTR_ERROR, ATTR_LEVEL, ATTR_METRICS, ATTR_MODEL, ATTR_RUN, ATTR_TARGET, counted
-
     rows = []
     for t in study.get_trials(deepcopy=False):
         if not counted(t):
@@ -108,8 +108,6 @@ def _dummy_outputs(pipe) -> dict[str, dict[str, str]]:
 # ----------------------------------------------------------------------------- winners
 def apply_winners(study, rows, winners, name: str, space) -> dict[str, dict[str, Any]]:
     """Tags on the trial runs, aliases in the registry; returns {role: {trial, run_id, version, …}}."""
-    from mlproject.search.study import STUDY_WINNERS
-
     roles: dict[str, list[str]] = {}
     for role, row in winners.items():
         roles.setdefault(row["run_id"], []).append(role)
@@ -118,10 +116,10 @@ def apply_winners(study, rows, winners, name: str, space) -> dict[str, dict[str,
         run_id = old.get("run_id")
         if run_id and run_id not in roles:
             with contextlib.suppress(Exception):
-                tracking.set_run_tags(run_id, {f"{T}role": "trial", f"{T}{role}": "false"})
+                tracking.set_run_tags(run_id, {names.ROLE_TAG: "trial", f"{T}{role}": "false"})
     for run_id, won in roles.items():
         if run_id:
-            tracking.set_run_tags(run_id, {f"{T}role": ",".join(won),
+            tracking.set_run_tags(run_id, {names.ROLE_TAG: ",".join(won),
                                            **{f"{T}{r}": "true" if r in won else "false" for r in ROLES}})
     out = {}
     for role, row in winners.items():
@@ -131,8 +129,8 @@ def apply_winners(study, rows, winners, name: str, space) -> dict[str, dict[str,
             model_run = uri[len("runs:/"):].split("/")[0]
             metrics = {k: v for k, v in row.items() if k == "avg_acc" or k.startswith("ppl/")
                        or k in ("model_size_mb", "params_b")}
-            tags = {"mlproject.study": name, "mlproject.trial": row["trial"], "mlproject.trial_run": row["run_id"],
-                    "mlproject.role": role, **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()},
+            tags = {names.STUDY_TAG: name, names.TRIAL_TAG: row["trial"], names.TRIAL_RUN_TAG: row["run_id"],
+                    names.ROLE_TAG: role, **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()},
                     **{k.replace("param ", "param."): v for k, v in row.items() if k.startswith("param ")}}
             entry["version"] = tracking.register_alias(name, model_run, role, tags=tags)
             entry["registered"] = f"models:/{name}@{role}"
@@ -143,8 +141,6 @@ def apply_winners(study, rows, winners, name: str, space) -> dict[str, dict[str,
 
 # ----------------------------------------------------------------------------- finalize
 def finalize(study, space, srun: tracking.Run, name: str, seconds: float = 0.0) -> Summary:
-    from mlproject.search.study import tally
-
     rows = trial_rows(study)
     ppl = ppl_metric_of(space)
     winners = apply_winners(study, rows, pick_winners(rows, ppl), name, space)

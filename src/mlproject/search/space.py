@@ -45,16 +45,11 @@ from typing import Any
 
 from mlproject.errors import UserError
 from mlproject.pipeline import spec as pspec
+from mlproject.search.config import OBJECTIVES, PRUNERS, SAMPLERS
 
 TOP_LEVEL = ("name", "description", "pipeline", "set", "target", "params", "objectives", "n_trials",
              "sampler", "pruner", "fidelity")
 KINDS = ("categorical", "int", "float", "log_float")
-OBJECTIVES = {"best_acc": "maximize", "best_ppl": "minimize"}
-SAMPLERS = {"tpe": "TPESampler", "random": "RandomSampler", "nsgaii": "NSGAIISampler",
-            "nsgaiii": "NSGAIIISampler", "gp": "GPSampler", "qmc": "QMCSampler", "bruteforce": "BruteForceSampler"}
-PRUNERS = {"none": "NopPruner", "wilcoxon": "WilcoxonPruner", "successive_halving": "SuccessiveHalvingPruner",
-           "hyperband": "HyperbandPruner", "median": "MedianPruner", "percentile": "PercentilePruner",
-           "threshold": "ThresholdPruner"}
 #: Parameters that turn a step's own evaluation off: the search scores the target itself.
 EVAL_SWITCHES = ("evaluate", "eval_before", "eval_after")
 DEFAULT_LEVELS = [0.1, 0.3, 1.0]

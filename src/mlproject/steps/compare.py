@@ -12,7 +12,8 @@ import tempfile
 from pathlib import Path
 
 from mlproject import tracking
-from mlproject.config import CompareConfig, shown_value
+from mlproject.config import CompareConfig
+from mlproject.params import shown_value
 from mlproject.steps import StepResult
 
 

@@ -29,7 +29,7 @@ What the run holds
   ``trainable_pct``, ``train/peak_rss_mb`` (CPU) or ``train/peak_vram_mb`` (CUDA) during
   training, ``peak_rss_mb`` / ``peak_vram_mb`` of the whole step (loading and evaluation too),
   ``train/final_loss``, ``params_b``, ``model_size_mb`` (of the output model).
-* Tags: the lineage (``common.lineage_tags`` with role ``finetuned``, ``mlproject.upstream_run``
+* Tags: the lineage (``shared.runs.lineage_tags`` with role ``finetuned``, ``mlproject.upstream_run``
   when the input is a run's model), ``mlproject.method``,
   ``mlproject.finetuning``, ``mlproject.cache_key``; on failure ``mlproject.error`` and status FAILED (a NaN/inf loss
   stops training and raises :class:`~mlproject.training.TrainingDiverged`).
@@ -73,13 +73,17 @@ from mlproject.config import FinetuneStepConfig
 from mlproject.errors import UserError
 from mlproject.models import loading
 from mlproject.models.reference import ModelRef, resolve
-from mlproject.steps import StepResult, common
-from mlproject.steps import evaluate as ev
+from mlproject.evaluation.engine import EvalOutcome, EvalPlan, model_metrics, plan_eval
+from mlproject.steps import StepResult
+from mlproject.steps.shared import checks, runs
+from mlproject.steps.shared.evaluation import describe as describe_run
+from mlproject.steps.shared.evaluation import evaluate_loaded, report
+from mlproject.steps.shared.model_output import model_tags, source_model
 from mlproject.training import datasets as tdata
+from mlproject.tracking import names
 
 log = logging.getLogger(__name__)
 
-T = tracking.TAG_PREFIX
 RUN_ID_FILE = "mlflow_run_id.txt"
 FINAL_DIR = "final"  # under a distributed launch: the trainer's own save of the result
 DEFAULT_OUTPUT_ROOT = Path("outputs") / "finetune"
@@ -105,7 +109,7 @@ def deltas(before: dict[str, float], after: dict[str, float], task_metrics: dict
 def checkpoint_dir(cfg: FinetuneStepConfig, ref: ModelRef) -> Path:
     if cfg.output_dir.strip():
         return Path(cfg.output_dir).expanduser()
-    key = common.cache_key(dataset=cfg.dataset_spec, **{k: getattr(cfg, k) for k in CHECKPOINT_KEY_FIELDS})
+    key = runs.cache_key(dataset=cfg.dataset_spec, **{k: getattr(cfg, k) for k in CHECKPOINT_KEY_FIELDS})
     return DEFAULT_OUTPUT_ROOT / f"{ref.label}-{key}"
 
 
@@ -252,25 +256,29 @@ def check(cfg: FinetuneStepConfig, parent: tracking.Run | None = None, pending: 
     if columns is not None:
         fmt = tdata.validate_columns(columns, cfg.method)
         log.info("dataset %s: %s rows (%s)", spec, fmt, ", ".join(columns))
-    plan = ev.plan_eval(cfg.eval_options())
-    _, device, dtype = common.check_model_args(cfg.model, cfg.adapter, cfg.device, cfg.dtype)
+    plan = plan_eval(cfg.eval_options())
+    _, device, dtype = checks.check_model_args(cfg.model, cfg.adapter, cfg.device, cfg.dtype)
     if cfg.finetuning == "qlora":
         import importlib.util
 
         if importlib.util.find_spec("bitsandbytes") is None:
             raise UserError("finetuning=qlora needs bitsandbytes: pip install bitsandbytes")
-    common.check_tracking(cfg.tracking_uri, ref, cfg.adapter, parent=parent, pending=pending)
+    checks.check_tracking(cfg.tracking_uri, ref, cfg.adapter, parent=parent, pending=pending)
     if cfg.finetuning == "full":  # weights, gradients and two Adam moments
         per, purpose = 4 * dtype.itemsize, "fine-tune every weight (weights, gradients, Adam states)"
     else:
         per, purpose = (0.5 if cfg.finetuning == "qlora" else None), "load"
-    common.check_model_sources(ref, cfg.adapter, device, dtype, pending, bytes_per_param=per, purpose=purpose)
+    checks.check_model_sources(ref, cfg.adapter, device, dtype, pending, bytes_per_param=per, purpose=purpose)
+    evaluates = cfg.eval_before or cfg.eval_after
+    checks.check_data_sources({"ppl_dataset": plan.opts.ppl_dataset} if evaluates else {}, training=spec)
+    if evaluates:
+        checks.check_eval_fits(ref, plan, pending)
     return ref, spec, plan, device, dtype
 
 
 def reuse_key(cfg: FinetuneStepConfig, upstream_key: Any = None) -> str:
     """The run's reuse key: the config, and the launch's world size (it sets the effective batch)."""
-    return common.step_key("finetune", cfg, upstream_key=upstream_key, extra={"world_size": distributed.world_size()})
+    return runs.step_key("finetune", cfg, upstream_key=upstream_key, extra={"world_size": distributed.world_size()})
 
 
 def run(cfg: FinetuneStepConfig, parent: tracking.Run | None = None, *,
@@ -279,7 +287,7 @@ def run(cfg: FinetuneStepConfig, parent: tracking.Run | None = None, *,
 
     ``callbacks``: extra transformers ``TrainerCallback``s (tests, search pruning).
     """
-    common.check_launch(cfg)
+    checks.check_launch(cfg)
     ref, spec, plan, device, _ = check(cfg, parent)
     world = distributed.world_size()
     key = reuse_key(cfg)
@@ -299,16 +307,16 @@ def run(cfg: FinetuneStepConfig, parent: tracking.Run | None = None, *,
         **{k: v for k, v in plan.params().items() if k != "seed"},
     }
     with tracking.step_run(
-        "finetune", experiment=cfg.experiment or None, run_name=common.run_name("finetune", cfg.run_name, ref),
-        tags={f"{T}cache_key": key, f"{T}method": cfg.method, f"{T}finetuning": cfg.finetuning},
+        "finetune", experiment=cfg.experiment or None, run_name=runs.run_name("finetune", cfg.run_name, ref),
+        tags={names.CACHE_KEY_TAG: key, names.METHOD_TAG: cfg.method, names.FINETUNING_TAG: cfg.finetuning},
         run_id=resume_id, parent=parent,
-    ) as run, common.PeakMemory() as memory:
+    ) as run, runs.PeakMemory() as memory:
         return _run_in(run, cfg, ref, plan, device, data, ft, out_dir, params, resume_id, callbacks, memory, key)
 
 
-def _run_in(run: tracking.Run, cfg: FinetuneStepConfig, ref: ModelRef, plan: ev.EvalPlan, device: str, data: Any,
+def _run_in(run: tracking.Run, cfg: FinetuneStepConfig, ref: ModelRef, plan: EvalPlan, device: str, data: Any,
             ft: Any, out_dir: Path, params: dict, resume_id: str | None,
-            callbacks: list[Any] | None, memory: common.PeakMemory, key: str) -> StepResult:
+            callbacks: list[Any] | None, memory: runs.PeakMemory, key: str) -> StepResult:
     from mlproject.training import trainer
     from mlproject.training.adapters import is_4bit, save_output
 
@@ -319,8 +327,8 @@ def _run_in(run: tracking.Run, cfg: FinetuneStepConfig, ref: ModelRef, plan: ev.
         recorded = tracking.run_data(run.run_id)["metrics"]
         if "before/eval_seconds" in recorded:
             before = {k[len("before/"):]: v for k, v in recorded.items() if k.startswith("before/")}
-        run.delete_tag(f"{T}error")
-        run.set_tags({f"{T}resumed_after_step": skip})
+        run.delete_tag(names.ERROR_TAG)
+        run.set_tags({names.RESUMED_AFTER_STEP_TAG: skip})
         log.info("resuming run %s after logged step %d from %s", run.run_id, skip, out_dir)
     else:
         distributed.on_main(_prepare_fresh_dir, out_dir, run.run_id, clear=not cfg.resume)
@@ -332,14 +340,14 @@ def _run_in(run: tracking.Run, cfg: FinetuneStepConfig, ref: ModelRef, plan: ev.
     if evaluating_before and quantized:
         # "before" is the input as the user has it (full precision), not the 4-bit copy we train.
         fp = _load(ref, cfg, device, quantized=False)
-        before = ev.evaluate_loaded(fp, plan, run, prefix="before/").metrics
+        before = evaluate_loaded(fp, plan, run, prefix="before/").metrics
         del fp
         gc.collect()
         _empty_cuda_cache()
     loaded = _load(ref, cfg, device, quantized)
-    run.set_tags(common.lineage_tags(ref, loaded, "finetuned"))
+    run.set_tags(runs.lineage_tags(ref, loaded, "finetuned"))
     if evaluating_before and not quantized:
-        before = ev.evaluate_loaded(loaded, plan, run, prefix="before/").metrics
+        before = evaluate_loaded(loaded, plan, run, prefix="before/").metrics
 
     model = loaded.model
     continued = _is_peft(model)
@@ -387,10 +395,8 @@ def _run_in(run: tracking.Run, cfg: FinetuneStepConfig, ref: ModelRef, plan: ev.
     four_bit = is_4bit(result.model)
     lineage = {"base_model": loaded.base_model, "family": loaded.family, "instruct": loaded.instruct,
                "run_id": run.run_id, "method": cfg.method, "source": cfg.model}
-    from mlproject.steps._compression import model_tags, source_model
-
     base_ref = base_reference(ref, loaded, continued)
-    tags = {**model_tags(loaded, "finetune", cfg.model), f"{T}method": cfg.method, f"{T}finetuning": cfg.finetuning}
+    tags = {**model_tags(loaded, "finetune", cfg.model), names.METHOD_TAG: cfg.method, names.FINETUNING_TAG: cfg.finetuning}
     with tempfile.TemporaryDirectory(prefix="mlproject-finetune-") as tmp:
         # Every rank holds the same trained weights (DDP); only the run's owner writes them.
         saved = save_output(result.model, loaded.tokenizer, tmp, merge=cfg.merge, write=run.records)
@@ -410,15 +416,15 @@ def _run_in(run: tracking.Run, cfg: FinetuneStepConfig, ref: ModelRef, plan: ev.
             if saved.adapter_dir is not None:
                 run.log_model_dir(saved.adapter_dir, "adapter", flavor=adapter_flavor, tags=tags)
         elif saved.adapter_dir is not None:  # (neither on the other ranks of a launch: nothing written)
-            run.log_model_dir(saved.adapter_dir, "model", flavor=adapter_flavor, tags={**tags, f"{T}base": base_ref})
+            run.log_model_dir(saved.adapter_dir, "model", flavor=adapter_flavor, tags={**tags, names.MODEL_BASE_TAG: base_ref})
     final = saved.model
     final.eval()  # the trainer leaves it in train mode (LoRA dropout on)
 
     after_loaded = replace(loaded, model=final, ref=ref, adapter=None)
-    outcome = ev.EvalOutcome()
+    outcome = EvalOutcome()
     metrics: dict[str, float] = dict(summary)
     if cfg.eval_after and (plan.tasks or plan.ppl_name):
-        outcome = ev.evaluate_loaded(after_loaded, plan, run, step=step)
+        outcome = evaluate_loaded(after_loaded, plan, run, step=step)
         metrics.update(outcome.metrics)
         if before:
             used = outcome.harness.avg_metrics if outcome.harness else {}
@@ -426,27 +432,27 @@ def _run_in(run: tracking.Run, cfg: FinetuneStepConfig, ref: ModelRef, plan: ev.
             run.log_metrics(delta, step=step)
             metrics.update(delta)
     metrics.update({f"before/{k}": v for k, v in before.items()})
-    system = {**ev.model_metrics(final), **memory.peak()}
+    system = {**model_metrics(final), **memory.peak()}
     run.log_metrics(system, step=step)
     metrics.update(system)
 
-    md = ev.report(f"finetune: {ref.label}", run, "finetune", params, plan, outcome,
-                   {**system, **{k: v for k, v in summary.items() if not k.startswith("train/")}},
-                   extra_sections=_report_sections(cfg, result, before, outcome, params))
+    md = report(f"finetune: {ref.label}", run, "finetune", params, plan, outcome,
+                {**system, **{k: v for k, v in summary.items() if not k.startswith("train/")}},
+                extra_sections=_report_sections(cfg, result, before, outcome, params))
     run.log_text(md, "report.md")
     loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
-    ev.describe(run, f"finetune · {cfg.model} · {cfg.method} {cfg.finetuning}, {step} steps{loss}", plan, outcome,
-                {**outcome.metrics, **system, "train_seconds": result.train_seconds}, before=before or None,
-                evaluated=bool(outcome.metrics),
-                settings={"data": f"{params['dataset']} ({params['dataset_rows']} rows)", "lr": cfg.lr,
-                          "train batch": cfg.train_batch_size, "device": device},
-                notes=("Not evaluated after training (eval_after=false)." if not outcome.metrics else "",))
+    describe_run(run, f"finetune · {cfg.model} · {cfg.method} {cfg.finetuning}, {step} steps{loss}", plan, outcome,
+                 {**outcome.metrics, **system, "train_seconds": result.train_seconds}, before=before or None,
+                 evaluated=bool(outcome.metrics),
+                 settings={"data": f"{params['dataset']} ({params['dataset_rows']} rows)", "lr": cfg.lr,
+                           "train batch": cfg.train_batch_size, "device": device},
+                 notes=("Not evaluated after training (eval_after=false)." if not outcome.metrics else "",))
     return StepResult(step="finetune", run_id=run.run_id, model_uri=run.model_uri(), metrics=metrics, key=key,
                       details={"global_step": step, "final_loss": result.final_loss, "output_dir": str(out_dir)},
                       model=final)
 
 
-def _report_sections(cfg: FinetuneStepConfig, result: Any, before: dict[str, float], outcome: ev.EvalOutcome,
+def _report_sections(cfg: FinetuneStepConfig, result: Any, before: dict[str, float], outcome: EvalOutcome,
                      params: dict) -> dict[str, str]:
     from mlproject.report import bullet, md_table
 

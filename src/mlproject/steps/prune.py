@@ -22,14 +22,14 @@ from mlproject import tracking
 from mlproject.compression import prune as prune_lib
 from mlproject.config import PruneStepConfig
 from mlproject.errors import UserError
+from mlproject.evaluation.engine import plan_eval
 from mlproject.report import md_table
-from mlproject.steps import StepResult, common
-from mlproject.steps import _compression as shared
-from mlproject.steps.evaluate import plan_eval
+from mlproject.steps import StepResult
+from mlproject.steps.shared import checks, compress, model_output, runs
+from mlproject.tracking import names
 
 log = logging.getLogger(__name__)
 
-T = tracking.TAG_PREFIX
 MB = 2**20
 
 
@@ -62,26 +62,30 @@ def calibration_spec(calibration: str, tokenizer, ids) -> dict:
 def check(cfg: PruneStepConfig, parent: tracking.Run | None = None, pending: frozenset[str] = frozenset()):
     """Every cheap check, before a run or weights exist: values, server, architecture, layer
     shapes and whether the ratio is reachable. Returns (ref, device, torch dtype, plan)."""
-    ref, device, torch_dtype = common.check_model_args(cfg.model, cfg.adapter, cfg.device, cfg.dtype)
+    ref, device, torch_dtype = checks.check_model_args(cfg.model, cfg.adapter, cfg.device, cfg.dtype)
     plan = plan_eval(cfg)
     pcfg = cfg.prune_config()
-    common.check_tracking(cfg.tracking_uri, ref, cfg.adapter, parent=parent, pending=pending)
-    common.check_model_sources(ref, cfg.adapter, device, torch_dtype, pending)
-    config = None if ref.run_id in pending else shared.peek_config(ref, "prune")
+    checks.check_tracking(cfg.tracking_uri, ref, cfg.adapter, parent=parent, pending=pending)
+    checks.check_model_sources(ref, cfg.adapter, device, torch_dtype, pending)
+    checks.check_data_sources({**({"calibration": cfg.calibration} if cfg.importance == "activation" else {}),
+                               **({"ppl_dataset": cfg.ppl_dataset} if cfg.evaluate else {})})
+    config = None if ref.run_id in pending else compress.peek_config(ref, "prune")
     if config is not None:
-        meta = shared.meta_model(config)
+        meta = compress.meta_model(config)
         if meta is not None and not getattr(config, "pruned_layer_sizes", None):
             # architecture, layer shapes and whether the ratio is reachable, without weights
             prune_lib.check_plan(meta, pcfg)
         elif getattr(config, "model_type", None) not in prune_lib.SUPPORTED_ARCHS:
             raise UserError(f"structured pruning does not support architecture {config.model_type!r}; "
                             f"supported: {', '.join(prune_lib.SUPPORTED_ARCHS)}")
+    if cfg.evaluate:
+        checks.check_eval_fits(ref, plan, pending, config)
     return ref, device, torch_dtype, plan
 
 
 def run(cfg: PruneStepConfig, parent: tracking.Run | None = None) -> StepResult:
     ref, device, torch_dtype, plan = check(cfg, parent)
-    key = common.step_key("prune", cfg)
+    key = runs.step_key("prune", cfg)
     pcfg = cfg.prune_config()
     activation = cfg.importance == "activation"
 
@@ -93,11 +97,11 @@ def run(cfg: PruneStepConfig, parent: tracking.Run | None = None) -> StepResult:
     with tracking.step_run(
         "prune", experiment=cfg.experiment or None,
         run_name=cfg.run_name or f"prune:{ref.label}:{cfg.targets}-{cfg.ratio:g}-{cfg.importance}",
-        tags={f"{T}cache_key": key}, parent=parent,
-    ) as run, common.PeakMemory() as memory:
+        tags={names.CACHE_KEY_TAG: key}, parent=parent,
+    ) as run, runs.PeakMemory() as memory:
         run.log_params(params)
         start = time.perf_counter()
-        loaded = shared.load_input(ref, dtype=cfg.dtype, device=device, adapter=cfg.adapter)
+        loaded = compress.load_input(ref, dtype=cfg.dtype, device=device, adapter=cfg.adapter)
         load_seconds = time.perf_counter() - start
         size_before = _size_mb(loaded.model)
         ids = None
@@ -112,7 +116,7 @@ def run(cfg: PruneStepConfig, parent: tracking.Run | None = None) -> StepResult:
         start = time.perf_counter()
         rep = prune_lib.prune_model(loaded.model, pcfg, calibration_ids=ids)
         prune_seconds = time.perf_counter() - start
-        run.set_tags(common.lineage_tags(ref, loaded, role="pruned"))
+        run.set_tags(runs.lineage_tags(ref, loaded, role="pruned"))
         run.log_params({"resolved_model": loaded.ref.target, "uniform": rep.uniform,
                         "pruned_layers": f"{rep.pruned_layers[0]}-{rep.pruned_layers[-1]}"
                         if rep.pruned_layers else "none"})
@@ -123,7 +127,7 @@ def run(cfg: PruneStepConfig, parent: tracking.Run | None = None) -> StepResult:
         # counts that describe the pruned architecture: params, not scores
         run.log_params({"prune.channels_removed": rep.channels_removed,
                         "prune.kv_groups_removed": rep.kv_groups_removed})
-        model_uri = shared.log_model(run, loaded, ref, step="prune")
+        model_uri = model_output.log_model(run, loaded, ref, step="prune")
 
         first = rep.layer_sizes[rep.pruned_layers[0]] if rep.pruned_layers else {}
         body = [
@@ -154,7 +158,7 @@ def run(cfg: PruneStepConfig, parent: tracking.Run | None = None) -> StepResult:
         note = (f"Removed {rep.achieved_ratio:.2%} of the parameters ({rep.params_before / 1e9:.4g} B → "
                 f"{rep.params_after / 1e9:.4g} B): {rep.channels_removed} MLP channels and {rep.kv_groups_removed} "
                 f"KV groups in each of {len(rep.pruned_layers)} layers.")
-        return shared.finish(
+        return compress.finish(
             run, step="prune", title=f"prune: {ref.label} {cfg.targets} {cfg.ratio:g}", loaded=loaded, plan=plan,
             evaluate=cfg.evaluate, report_params=report_params, metrics=metrics,
             section=("Pruning", "\n\n".join(body)), model_uri=model_uri, memory=memory, key=key,
