@@ -71,6 +71,7 @@ def search(n: int, uri: str, tmp: Path, name: str = "overhead") -> tuple[float, 
     from mlproject.search import report, storage as storage_mod, trials, workers
     from mlproject.search.config import SearchConfig
     from mlproject.search.space import subset
+    from mlproject.tracking import names
 
     class TrivialWorker(workers.Worker):
         """The real worker; only the pipeline's steps and the model scoring are a formula."""
@@ -86,7 +87,7 @@ def search(n: int, uri: str, tmp: Path, name: str = "overhead") -> tuple[float, 
             prun.log_text("a stand-in for the target step's model\n", "model/README.md")
             trial.set_user_attr(trials.ATTR_TARGET, {trials.ATTR_EVAL_KEY: self.eval_key(None),
                                                      trials.ATTR_MODEL: f"runs:/{prun.run_id}/model"})
-            self.target_tags = {f"{workers.T}target_run": prun.run_id}
+            self.target_tags = {names.TARGET_RUN_TAG: prun.run_id}
             self._same_eval("-", trial.number)
             prun.log_metrics_and_tags({"fidelity/avg_acc": value, "fidelity/documents": 1}, self.target_tags, step=1)
             return self._complete(trial, prun, {"avg_acc": value, "model_size_mb": 1.0, "system/search/documents": 1}, 1)

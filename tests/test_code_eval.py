@@ -130,3 +130,12 @@ def test_generation_lengths_come_from_the_task_configs():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(context, "_task_index", lambda tasks: index)
         assert context.generation_lengths(["humaneval", "arc_easy", "mmlu"]) == {"humaneval": 1024}
+
+
+def test_multiple_choice_tasks_need_no_task_index_nor_model_config(monkeypatch):
+    from mlproject.evaluation import context
+
+    monkeypatch.setattr(context, "_task_index", lambda tasks: pytest.fail("built lm-eval's task index"))
+    assert not context.may_generate(["boolq", "arc_easy", "mmlu", "mlp_arith"])  # suites' MC tasks + bundled
+    assert context.may_generate(["boolq", "code_offline"])  # bundled generation task: its YAML says so
+    assert context.may_generate(["gsm8k"])  # unknown here: lm-eval's index decides (the run builds it anyway)

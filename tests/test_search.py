@@ -508,3 +508,38 @@ def test_hub_data_of_the_pipeline_is_checked_before_any_trial(tmp_path, mlflow_u
         err = capsys.readouterr().err.strip().splitlines()
         assert err[-1].startswith("error: ") and needle in err[-1] and "HF_HUB_OFFLINE=1" in err[-1], err[-1]
         assert runs_of(mlflow_uri, exp) == [] and not storage.exists()
+
+
+def test_the_targets_own_scoring_data_is_checked_before_any_trial(tmp_path, mlflow_uri, tiny_dirs, capsys,
+                                                                 monkeypatch):
+    # Trials run their steps with the steps' own evaluation off and score the target themselves,
+    # so the target's PPL text is checked by the search's plan (wikitext2 offline, not cached).
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    space = ROOT / "pipelines" / "spaces" / "compress_recover.yaml"
+    sets = [f"model={tiny_dirs['llama']}", "tasks=mlp_nonce", "ppl_dataset=wikitext2", "seqlen=32",
+            "pruned.calibration=offline", "recovered.dataset=offline:sft_mlp_nonce"]
+    storage = tmp_path / "optuna.db"
+    assert cli.main(["search", str(space), "--set", " ".join(sets), "--tracking-uri", mlflow_uri,
+                     "--storage", f"sqlite:///{storage}", "--experiment", "search-target-data"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "ppl_dataset 'wikitext2'" in err and "not in the local datasets cache" in err
+    assert runs_of(mlflow_uri, "search-target-data") == [] and not storage.exists()
+
+
+def test_a_target_generation_task_longer_than_the_context_is_refused_before_any_trial(
+        tmp_path, mlflow_uri, ppl_text_file, tiny_dirs, capsys, monkeypatch):
+    # The tiny model has 256 positions; the trial's own scoring would generate up to 256 tokens.
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    space = ROOT / "pipelines" / "spaces" / "compress_recover.yaml"
+    sets = [f"model={tiny_dirs['llama']}", "tasks=code_offline", f"ppl_dataset={ppl_text_file}", "seqlen=32",
+            "pruned.calibration=offline", "recovered.dataset=offline:sft_mlp_nonce"]
+    storage = tmp_path / "optuna.db"
+    assert cli.main(["search", str(space), "--set", " ".join(sets), "--tracking-uri", mlflow_uri,
+                     "--storage", f"sqlite:///{storage}", "--experiment", "search-target-context"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "has a context of 256 tokens, but task code_offline generates up to 256" in err
+    assert runs_of(mlflow_uri, "search-target-context") == [] and not storage.exists()

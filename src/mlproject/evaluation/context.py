@@ -17,6 +17,19 @@ log = logging.getLogger(__name__)
 
 # lm-eval's HFLM generates this many tokens when a task's generation_kwargs name no length.
 DEFAULT_MAX_GEN_TOKS = 256
+#: lm-eval's own tasks of our suites (suites.yaml) that are scored by log-likelihood: they
+#: generate nothing, so checking them needs no look into lm-eval's ~10k-file task index.
+LOGLIKELIHOOD_TASKS = frozenset({"boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
+                                 "openbookqa", "mmlu", "mmlu_stem"})
+
+
+def may_generate(tasks: list[str]) -> bool:
+    """Whether a task of ``tasks`` may generate text (cheap: bundled YAML and the list above)."""
+    from mlproject.evaluation.tasks import BUNDLED_TASKS
+
+    if any(t not in BUNDLED_TASKS and t not in LOGLIKELIHOOD_TASKS for t in tasks):
+        return True
+    return bool(generation_lengths([t for t in tasks if t in BUNDLED_TASKS]))
 
 
 def generation_lengths(tasks: list[str]) -> dict[str, int]:
@@ -27,6 +40,7 @@ def generation_lengths(tasks: list[str]) -> dict[str, int]:
     from mlproject.evaluation.tasks import BUNDLED_TASKS, tasks_root
 
     out: dict[str, int] = {}
+    tasks = [t for t in tasks if t not in LOGLIKELIHOOD_TASKS]
     hub = [t for t in tasks if t not in BUNDLED_TASKS]
     index = _task_index(hub) if hub else {}
     for task in tasks:

@@ -34,8 +34,9 @@ from mlproject.tracking import names
 
 log = logging.getLogger(__name__)
 
-T = names.TAG_PREFIX
 ROLES = ("best_acc", "best_ppl")
+#: role → the tag saying "true" / "false" whether a trial holds it (an exact filter beside role)
+ROLE_FLAG_TAGS = {"best_acc": names.BEST_ACC_TAG, "best_ppl": names.BEST_PPL_TAG}
 
 
 @dataclass
@@ -116,11 +117,11 @@ def apply_winners(study, rows, winners, name: str, space) -> dict[str, dict[str,
         run_id = old.get("run_id")
         if run_id and run_id not in roles:
             with contextlib.suppress(Exception):
-                tracking.set_run_tags(run_id, {names.ROLE_TAG: "trial", f"{T}{role}": "false"})
+                tracking.set_run_tags(run_id, {names.ROLE_TAG: "trial", ROLE_FLAG_TAGS[role]: "false"})
     for run_id, won in roles.items():
         if run_id:
             tracking.set_run_tags(run_id, {names.ROLE_TAG: ",".join(won),
-                                           **{f"{T}{r}": "true" if r in won else "false" for r in ROLES}})
+                                           **{ROLE_FLAG_TAGS[r]: "true" if r in won else "false" for r in ROLES}})
     out = {}
     for role, row in winners.items():
         entry = {"trial": row["trial"], "run_id": row["run_id"], "model_uri": row.get("model_uri")}

@@ -499,6 +499,18 @@ def assignments(space: Space) -> list[dict[str, Any]]:
     return out
 
 
+def _check_scoring(the_plan, eval_plan) -> None:
+    """The target's scoring data can be had, and its generation tasks fit the lineage's root model
+    (pruning and fine-tuning keep the context length)."""
+    from mlproject.models.reference import resolve
+    from mlproject.steps.shared import checks
+
+    checks.check_data_sources({"ppl_dataset": eval_plan.opts.ppl_dataset})
+    root = the_plan.steps[the_plan.order[0]].cfg
+    if getattr(root, "model", ""):
+        checks.check_eval_fits(resolve(root.model), eval_plan)
+
+
 def check(space: Space, experiment: str):
     """Put the space's values through the steps' configs and checks (the pipeline runner's
     ``plan()``); check the objectives against the target's evaluation and that every task can be
@@ -531,6 +543,13 @@ def check(space: Space, experiment: str):
     if eval_plan.empty:
         raise UserError(f"space {space.path}: the target {space.target!r} measures nothing (tasks and ppl_dataset "
                         "are none)")
+    # The trial scores the target itself (its steps run with their own evaluation off), so the
+    # data it scores on and the context its generation tasks need are checked here, as the steps'
+    # own checks do: a refusal now, not one failed trial after another.
+    try:
+        _check_scoring(first, eval_plan)
+    except UserError as exc:
+        raise UserError(f"space {space.path}: target {space.target!r}: {exc}") from None
     try:
         docs = task_documents(eval_plan.tasks, eval_plan.limit)
     except UserError as exc:

@@ -25,7 +25,6 @@ from mlproject.tracking import names
 
 log = logging.getLogger(__name__)
 
-T = names.TAG_PREFIX
 
 
 def check(cfg: QuantizeConfig, parent: tracking.Run | None = None, pending: frozenset[str] = frozenset()):
@@ -66,7 +65,7 @@ def run(cfg: QuantizeConfig, parent: tracking.Run | None = None) -> StepResult:
     with tracking.step_run(
         "quantize", experiment=cfg.experiment or None,
         run_name=cfg.run_name or f"quantize:{ref.label}:{cfg.method}{method.run_name_suffix(cfg)}",
-        tags={names.CACHE_KEY_TAG: key, **{T + k: v for k, v in method.tags(cfg).items()}},
+        tags={names.CACHE_KEY_TAG: key, **method.tags(cfg)},
         parent=parent,
     ) as run, runs.PeakMemory() as memory:
         run.log_params(params)

@@ -1,7 +1,9 @@
 """Every run tag, param prefix and well-known metric name the platform writes or reads.
 
 The one place writers (the steps, pipeline, search, and this package) and readers (compare, the
-UI headline view, reap, reuse) share: a name changed here changes on both sides. Pure constants,
+UI headline view, reap, reuse) share: every tag is written and read through these constants, so a
+tag renamed here changes on both sides. The metric names at the end are listed for reference (the
+evaluation engine and report.md, below tracking in the layers, spell them too). Pure constants,
 nothing imported. ``mlproject.*`` tags are ours; ``mlflow.*`` ones are MLflow's own, listed where
 we write or read them. Each line says who writes the name and what it means.
 """
@@ -73,11 +75,11 @@ ROLE_TAG = f"{TAG_PREFIX}role"
 ADAPTER_TAG = f"{TAG_PREFIX}adapter"
 
 # -- scores and how they were computed --------------------------------------------------------
-#: steps.evaluate, search.study: JSON ``{task: metric}``, the metric avg_acc took per task;
+#: steps.shared.evaluation, search.workers: JSON ``{task: metric}``, the metric avg_acc took per task;
 #: headline and compare read it. Evaluations logged under a metric prefix write
 #: ``mlproject.<prefix>.avg_acc_metrics`` (``mlproject.before.avg_acc_metrics`` in finetune).
 AVG_ACC_METRICS_TAG = f"{TAG_PREFIX}avg_acc_metrics"
-#: steps.evaluate: the lm-eval gates for code tasks that were opened on purpose.
+#: steps.shared.evaluation: the lm-eval gates for code tasks that were opened on purpose.
 UNSAFE_CODE_TAG = f"{TAG_PREFIX}unsafe_code"
 
 # -- reuse (mlproject.reuse computes the key; lookups find and record reuse) -------------------
@@ -107,27 +109,27 @@ QUANT_METHOD_TAG = f"{TAG_PREFIX}quant.method"
 QUANT_SIMULATED_TAG = f"{TAG_PREFIX}quant.simulated"
 
 # -- search ------------------------------------------------------------------------------------
-#: search.study (study run, trial runs), search.report (registered versions): the study's name.
+#: search.study (study run), search.workers (trial runs), search.report (registered versions): the study's name.
 STUDY_TAG = f"{TAG_PREFIX}study"
 #: search.study: on the study run, the search space file.
 SPACE_TAG = f"{TAG_PREFIX}space"
-#: search.study (trial runs), search.report (registered versions): the trial number.
+#: search.workers (trial runs), search.report (registered versions): the trial number.
 TRIAL_TAG = f"{TAG_PREFIX}trial"
-#: search.study: RUNNING, COMPLETE, PRUNED or FAIL, the trial's Optuna state as the run saw it.
+#: search.workers, search.storage: RUNNING, COMPLETE, PRUNED or FAIL, the trial's Optuna state as the run saw it.
 TRIAL_STATE_TAG = f"{TAG_PREFIX}trial_state"
-#: search.study: Optuna's internal trial id (unique across studies of one storage).
+#: search.workers: Optuna's internal trial id (unique across studies of one storage).
 OPTUNA_TRIAL_ID_TAG = f"{TAG_PREFIX}optuna_trial_id"
-#: search.study: on a retried trial's run, the number of the failed trial it retries.
+#: search.workers: on a retried trial's run, the number of the failed trial it retries.
 RETRY_OF_TAG = f"{TAG_PREFIX}retry_of"
-#: search.study: the reuse key of the trial's target evaluation.
+#: search.workers: the reuse key of the trial's target evaluation.
 EVAL_KEY_TAG = f"{TAG_PREFIX}eval_key"
-#: search.study: the run of the trial's target step (the model that was evaluated).
+#: search.workers: the run of the trial's target step (the model that was evaluated).
 TARGET_RUN_TAG = f"{TAG_PREFIX}target_run"
-#: search.study: the pipeline step whose model the trial evaluates.
+#: search.workers: the pipeline step whose model the trial evaluates.
 TARGET_STEP_TAG = f"{TAG_PREFIX}target_step"
-#: search.study: the fidelity level at which a PRUNED trial was stopped.
+#: search.workers: the fidelity level at which a PRUNED trial was stopped.
 PRUNED_AT_TAG = f"{TAG_PREFIX}pruned_at"
-#: search.study: a trial whose evaluation an earlier trial already made: that trial's run …
+#: search.workers: a trial whose evaluation an earlier trial already made: that trial's run …
 EVAL_REUSED_FROM_TAG = f"{TAG_PREFIX}eval_reused_from"
 #: … and its number.
 EVAL_REUSED_TRIAL_TAG = f"{TAG_PREFIX}eval_reused_trial"

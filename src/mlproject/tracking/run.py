@@ -42,7 +42,7 @@ def metric_key(name: str) -> str:
 class Run:
     """Logging for one active MLflow run, batched through `MlflowClient.log_batch`.
 
-    With a spool (:meth:`open_spool`, done by :func:`step_run`) every call is written there
+    With a spool (:meth:`open_spool`, done by :func:`~mlproject.tracking.lifecycle.step_run`) every call is written there
     first and sent through the process's retry budget; a call the server never got stays in
     the spool for ``mlproject runs sync``. Without one (a ``Run`` made for a parent run or a
     lookup) calls go straight to the server, still within the budget.

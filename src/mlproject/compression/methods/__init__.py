@@ -133,8 +133,10 @@ class QuantMethod:
         return {}
 
     def tags(self, cfg) -> dict[str, str]:
-        """Run tags (names without the ``mlproject.`` prefix)."""
-        return {"quant.method": cfg.method, "quant.simulated": str(self.simulated(cfg)).lower()}
+        """Run tags (their names from :mod:`mlproject.tracking.names`)."""
+        from mlproject.tracking import names
+
+        return {names.QUANT_METHOD_TAG: cfg.method, names.QUANT_SIMULATED_TAG: str(self.simulated(cfg)).lower()}
 
     def run_name_suffix(self, cfg) -> str:
         """Appended to the default run name ``quantize:<model>:<method>``."""

@@ -123,8 +123,8 @@ def check_eval_fits(ref: ModelRef, plan: Any, pending: frozenset[str] = frozense
 
     if not plan.tasks or ref.run_id in pending:
         return
-    if set(plan.tasks) <= set(BUNDLED_TASKS) and not context.generation_lengths(plan.tasks):
-        return  # multiple choice only: nothing to read (lm-eval's index is built only for its tasks)
+    if not context.may_generate(plan.tasks):
+        return  # multiple choice only: no config to read, no task index to build
     config = config if config is not None else loading.peek_config(ref, fetch=tracking.download)
     positions = context.context_length(config) if config is not None else None
     if positions:  # lm-eval's task index (hub tasks) is cached: the run reuses it
