@@ -398,6 +398,16 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (per-token KL values of the PPL shards)."""
+    if not active():
+        return [obj]
+    dist = init()
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if active():
         init().barrier()

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from mlproject import distributed
 from mlproject.evaluation import harness, perplexity
+from mlproject.errors import UserError
 from mlproject.evaluation.options import EvalOptions
 from mlproject.progress import progress
 
@@ -46,6 +47,7 @@ class EvalPlan:
             "batch_size": self.batch_size, "ppl_dataset": self.opts.ppl_dataset,
             "seqlen": self.opts.seqlen, "ppl_batch_size": self.opts.ppl_batch_size,
             "ppl_windows": self.ppl_windows_setting, "seed": self.opts.seed,
+            "reference": self.opts.reference if self.ppl_name else "none", "kl_topk": self.opts.kl_topk,
             **self.code_params(),
         }
 
@@ -112,10 +114,20 @@ def plan_eval(opts: EvalOptions) -> EvalPlan:
         lmeval.check_requirements(tasks)
         # Steps without code parameters (quantize, prune, finetune) score with the defaults.
         code = (opts if isinstance(opts, CodeEvalOptions) else CodeEvalOptions()).code_settings()
+    ppl_name = perplexity.check_dataset(opts.ppl_dataset)
+    if opts.reference not in ("auto", "none"):
+        from mlproject.models.reference import resolve
+
+        resolve(opts.reference)  # an unknown alias / malformed reference fails here, cheaply
+        if ppl_name is None:
+            raise UserError(f"reference={opts.reference} measures KL over the PPL windows: "
+                            "set ppl_dataset (or reference=none)")
+        if opts.kl_topk == 0:
+            raise UserError(f"reference={opts.reference} needs kl_topk > 0")
     return EvalPlan(
         opts=opts, tasks=tasks, limit=harness.parse_limit(opts.limit),
         batch_size=harness.parse_batch_size(opts.batch_size),
-        ppl_name=perplexity.check_dataset(opts.ppl_dataset),
+        ppl_name=ppl_name,
         num_fewshot=None if opts.num_fewshot < 0 else opts.num_fewshot, code=code,
     )
 
@@ -129,17 +141,32 @@ class EvalOutcome:
     ppl_params: dict[str, Any] = field(default_factory=dict)
     ppl_available: int = 0  # windows the text holds at this seqlen (ppl[0].windows of them scored)
     ppl_rows: list[dict] = field(default_factory=list)  # the scored windows' text
+    #: per-document results (evaluation.documents): one row per (task, document, metric)
+    documents: Any = None
+    #: KL to the reference over the PPL windows (divergence.KLMeter.result()), when measured
+    kl: dict[str, float] | None = None
+    #: this model's own top-k distributions over the PPL windows, when asked to record them
+    topk: Any = None
 
     @property
     def avg_acc(self) -> float | None:
         return self.harness.avg_acc if self.harness else None
 
 
-def measure(loaded, plan: EvalPlan, on_metrics: Callable[[dict[str, float]], None] | None = None) -> EvalOutcome:
+def measure(loaded, plan: EvalPlan, on_metrics: Callable[[dict[str, float]], None] | None = None, *,
+            reference: Callable[[dict[str, str], Any], Any] | None = None,
+            record_topk: bool = False) -> EvalOutcome:
     """Compute PPL and task metrics of a loaded model (``models.loading.LoadedModel``); each
     part goes to `on_metrics` as soon as it is known, so a later failure loses nothing
     already measured. ``eval_seconds`` leaves out the time `on_metrics` took (handing results
-    to a slow or vanished tracking server is not evaluation time)."""
+    to a slow or vanished tracking server is not evaluation time).
+
+    KL to a reference (``plan.opts.kl_topk`` > 0): ``reference(meta, windows)`` is called once the
+    PPL windows are known (``meta``: :func:`windows_meta`; ``windows``: the ``[W, seqlen]`` token
+    ids) and returns the reference's ``divergence.TopK`` on them, or None (no KL); it is given the
+    windows so it can score them with a reference model it loads. ``record_topk``: keep this
+    model's own top-k on the windows in ``out.topk`` (a base model's evaluation stores them for
+    its candidates)."""
     sink = on_metrics or (lambda metrics: None)
     stalled = 0.0
 
@@ -166,11 +193,15 @@ def measure(loaded, plan: EvalPlan, on_metrics: Callable[[dict[str, float]], Non
         n_windows = plan.windows(available)
         # Under a distributed launch each rank scores its share of the windows; the sums meet.
         shard = (distributed.rank(), distributed.world_size())
+        hooks = _kl_hooks(plan, ids, seqlen, n_windows, reference, record_topk)
         with progress(f"perplexity ({plan.ppl_name})", -(-n_windows // shard[1]), unit="windows") as advance:
             res = perplexity.perplexity(model, ids, seqlen, plan.opts.ppl_batch_size,
                                         dataset=plan.ppl_name, on_batch=advance, max_windows=n_windows,
                                         shard=shard,
-                                        reduce_sum=distributed.sum_over_ranks if distributed.active() else None)
+                                        reduce_sum=distributed.sum_over_ranks if distributed.active() else None,
+                                        on_logits=hooks.on_logits if hooks else None)
+        if hooks is not None:
+            out.kl, out.topk = hooks.finish()
         out.ppl.append(res)
         out.ppl_available = available
         out.metrics[f"ppl/{res.dataset}"] = res.ppl
@@ -180,21 +211,109 @@ def measure(loaded, plan: EvalPlan, on_metrics: Callable[[dict[str, float]], Non
         # What was scored, for the run's dataset inputs: the text of each window.
         scored = perplexity.make_windows(ids, res.seqlen)[:res.windows]
         out.ppl_rows = [{"window": i, "text": t} for i, t in enumerate(tok.batch_decode(scored))]
-        on_metrics({f"ppl/{res.dataset}": res.ppl, f"nll/{res.dataset}": res.nll})
+        ppl_metrics = {f"ppl/{res.dataset}": res.ppl, f"nll/{res.dataset}": res.nll}
+        if out.kl:
+            ppl_metrics.update(kl_metrics(res.dataset, out.kl))
+            out.metrics.update(kl_metrics(res.dataset, out.kl))
+        on_metrics(ppl_metrics)
     if plan.tasks:
         hr = harness.run_tasks(
             model, tok, plan.tasks, limit=plan.limit, num_fewshot=plan.num_fewshot,
             batch_size=plan.batch_size, seed=plan.opts.seed, code=plan.code,
+            log_samples=True,  # per-document results: flips and paired tests in compare
         )
         out.harness = hr
+        from mlproject.evaluation import documents
+
+        out.documents = documents.from_harness(hr, plan.tasks)
         out.metrics.update(hr.metrics)
         if hr.avg_acc is not None:
             out.metrics["avg_acc"] = hr.avg_acc
-        on_metrics({k: v for k, v in out.metrics.items() if not k.startswith(("ppl/", "nll/"))})
+        on_metrics({k: v for k, v in out.metrics.items()
+                    if not k.startswith(("ppl/", "nll/", "kl/", "kl_median/", "kl_p99/", "top1_agree/"))})
     out.seconds = time.perf_counter() - start - stalled
     out.metrics["eval_seconds"] = out.seconds
     on_metrics({"eval_seconds": out.seconds})
     return out
+
+
+def windows_meta(dataset: str, windows, k: int) -> dict[str, str]:
+    """What identifies a set of scored PPL windows for KL: the text's name, the windows' count and
+    length, a digest of their token ids (the same text tokenized by the same tokenizer), and k."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256(np.ascontiguousarray(windows.cpu().numpy().astype("int64")).tobytes()).hexdigest()
+    return {"dataset": dataset, "windows": str(windows.size(0)), "seqlen": str(windows.size(1)),
+            "tokens_sha256": digest[:16], "k": str(k)}
+
+
+def kl_metrics(dataset: str, kl: dict[str, float]) -> dict[str, float]:
+    """The logged KL metrics (tracking.names: ``kl/``, ``kl_median/``, ``kl_p99/``, ``top1_agree/``)."""
+    return {f"kl/{dataset}": kl["kl_mean"], f"kl_median/{dataset}": kl["kl_median"],
+            f"kl_p99/{dataset}": kl["kl_p99"], f"top1_agree/{dataset}": kl["top1_agree"]}
+
+
+class _KLHooks:
+    """The per-batch logits consumers of one PPL pass: the KL meter and / or the top-k recorder."""
+
+    def __init__(self, meter, recorder, meta):
+        self.meter, self.recorder, self.meta = meter, recorder, meta
+
+    def on_logits(self, window_indices, logits) -> None:
+        if self.meter is not None:
+            self.meter(window_indices, logits)
+        if self.recorder is not None:
+            self.recorder(window_indices, logits)
+
+    def finish(self):
+        kl = topk = None
+        if self.meter is not None:
+            if distributed.active():  # every rank scored its share of the windows: pool the tokens
+                import torch
+
+                from mlproject.evaluation import divergence
+
+                # a rank with no window (fewer windows than ranks) sends None
+                parts = [p for p in distributed.gather_object(self.meter.per_token() if self.meter.windows else None)
+                         if p is not None]
+                kl = divergence.kl_summary(*(torch.cat([p[key].cpu().reshape(-1) for p in parts])
+                                             for key in ("kl", "top1_agree", "kl_bound")))
+            else:
+                kl = self.meter.result()
+        if self.recorder is not None:
+            if distributed.active():  # each rank holds its share of the windows: not stored (yet)
+                import logging
+
+                logging.getLogger(__name__).warning(
+                    "top-k distributions are not stored under a distributed launch: evaluate the base model "
+                    "with nproc=1 for its candidates' KL")
+            else:
+                topk = self.recorder.result(self.meta)
+        return kl, topk
+
+
+def _kl_hooks(plan: EvalPlan, ids, seqlen: int, n_windows: int, reference, record_topk: bool):
+    k = plan.opts.kl_topk
+    if k <= 0 or (reference is None and not record_topk):
+        return None
+    from mlproject.evaluation import divergence
+
+    if ids.numel() < 2:
+        return None  # perplexity() refuses the text in one line
+    seqlen = min(seqlen, ids.numel())  # perplexity() shortens the one window of a short text the same way
+    windows = perplexity.make_windows(ids, seqlen)[:n_windows]
+    meta = windows_meta(plan.ppl_name, windows, k)
+    meter = None
+    if reference is not None:
+        ref = reference(meta, windows)
+        if ref is not None:
+            meter = divergence.KLMeter(ref)
+    recorder = divergence.TopKRecorder(k) if record_topk else None
+    if meter is None and recorder is None:
+        return None
+    return _KLHooks(meter, recorder, meta)
 
 
 def scored_datasets(plan: EvalPlan, out: EvalOutcome) -> list[dict[str, Any]]:

@@ -124,7 +124,7 @@ class HarnessResult:
     avg_acc: float | None
     avg_metrics: dict[str, str]  # task -> metric key used for avg_acc
     code: Any = None  # code.lmeval.CodeRun when code tasks ran (per-problem records, gates)
-    # with log_samples: {task: [{"doc_id": i, "filter": f, <metric>: per-document value, …}]}
+    # with log_samples: {task: [{"doc_id": i, "filter": f, "doc_hash": h, <metric>: value, …}]}
     samples: dict[str, list[dict[str, Any]]] | None = None
 
 
@@ -238,6 +238,8 @@ def _run_lm_eval(lm, tasks: list[str], *, limit, num_fewshot, seed, apply_chat_t
 def _numeric_sample(sample: dict) -> dict[str, Any]:
     """A logged sample reduced to its document id, filter and numeric per-document metric values."""
     out: dict[str, Any] = {"doc_id": int(sample["doc_id"]), "filter": str(sample.get("filter") or "none")}
+    if sample.get("doc_hash"):  # pairs two runs' documents only when the text agrees (documents.py)
+        out["doc_hash"] = str(sample["doc_hash"])
     for key, value in sample.items():
         if key in ("doc_id", "filter", "doc", "arguments", "resps", "filtered_resps", "target", "metrics") or key.endswith("_hash"):
             continue

@@ -34,6 +34,14 @@ class EvalOptions:
     ppl_windows: int = param(-1, "perplexity windows scored: N = the first N (a quick, still deterministic PPL), "
                              "0 = every window of the text, -1 = auto: every window, or with limit set as many "
                              "as limit takes documents (limit=N: N windows, limit=f: that fraction of them)")
+    reference: str = param("auto", "KL divergence to a reference model over the PPL windows (kl/<text>, kl_p99/…, "
+                           "top1_agree/…): auto = the lineage's root base model, when an evaluation of it stored "
+                           "its distributions on the same PPL windows (evaluate stores them for a base model); "
+                           "none; or a model reference, whose distributions are computed now when none are stored "
+                           "(a second model load) and kept for every later candidate")
+    kl_topk: int = param(32, "next-token probabilities kept per scored token for KL (the reference's top k and "
+                         "the rest as one bin: a lower bound of the exact KL; k × 8 bytes per token); "
+                         "0 = no KL and no stored distributions")
     seed: int = param(42, "random seed of the run: lm-eval sampling and few-shot order, torch, calibration "
                       "windows, and for finetune the LoRA init, data order and dropout")
 
@@ -49,6 +57,9 @@ class EvalOptions:
             raise UserError(f"ppl_batch_size {self.ppl_batch_size} must be at least 1")
         if self.ppl_windows < -1:
             raise UserError(f"ppl_windows {self.ppl_windows} must be -1 (auto), 0 (all windows) or a positive count")
+        self.reference = (self.reference or "auto").strip()
+        if self.kl_topk < 0:
+            raise UserError(f"kl_topk {self.kl_topk} must be >= 0 (0 = no KL)")
         if self.num_fewshot < -1:
             raise UserError(f"num_fewshot {self.num_fewshot} must be -1 (task default) or >= 0")
 

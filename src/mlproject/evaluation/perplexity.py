@@ -12,9 +12,12 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from mlproject.errors import UserError
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +87,21 @@ def make_windows(ids, seqlen: int):
     return ids[: n * seqlen].view(n, seqlen)
 
 
-def window_nll(model, batch) -> tuple[float, int]:
-    """Summed next-token NLL of a [B, T] batch and the number of tokens predicted."""
+def next_token_logits(model, batch):
+    """float32 next-token logits ``[B, T-1, V]`` of a ``[B, T]`` batch (position t predicts t+1)."""
     import torch
-    import torch.nn.functional as F
 
     with torch.inference_mode():
-        logits = model(input_ids=batch).logits[:, :-1, :].float()
+        return model(input_ids=batch).logits[:, :-1, :].float()
+
+
+def window_nll(model, batch, logits=None) -> tuple[float, int]:
+    """Summed next-token NLL of a [B, T] batch and the number of tokens predicted; ``logits``
+    (from `next_token_logits`) saves the forward when the caller already has them."""
+    import torch.nn.functional as F
+
+    if logits is None:
+        logits = next_token_logits(model, batch)
     target = batch[:, 1:]
     nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1), reduction="sum")
     return nll.item(), target.numel()
@@ -106,6 +117,7 @@ def perplexity(
     max_windows: int = 0,
     shard: tuple[int, int] = (0, 1),
     reduce_sum: Callable[[list[float]], list[float]] | None = None,
+    on_logits: Callable[[list[int], "Tensor"], None] | None = None,
 ) -> PPLResult:
     """Score `ids` (1-D tensor of token ids) in windows of `seqlen`, `batch_size` at a time;
     `max_windows` > 0 scores only the first that many windows.
@@ -113,7 +125,12 @@ def perplexity(
     Data-parallel: ``shard=(rank, world_size)`` scores windows ``rank, rank + world_size, …`` of
     the same window list and ``reduce_sum`` adds ``[nll_sum, tokens]`` over the ranks (float64),
     so every rank returns the PPL of all windows (equal to one process's up to the order of the
-    float64 additions; each window is scored alone when ``batch_size`` is 1)."""
+    float64 additions; each window is scored alone when ``batch_size`` is 1).
+
+    ``on_logits(window_indices, logits)`` is called after each batch's NLL with the batch's
+    indices into the full window list (``max_windows`` and ``shard`` applied) and its float32
+    next-token logits ``[B, seqlen - 1, V]``, the very tensor the NLL came from (read it, do not
+    modify it): how `divergence` records a reference's distributions or compares a candidate's."""
     ids = ids.reshape(-1)
     if ids.numel() < 2:
         raise UserError(f"ppl_dataset {dataset!r} has fewer than 2 tokens")
@@ -129,7 +146,11 @@ def perplexity(
     total_nll, total_tokens = 0.0, 0
     for start in range(0, mine.size(0), batch_size):
         batch = mine[start : start + batch_size].to(device)
-        nll, count = window_nll(model, batch)
+        logits = next_token_logits(model, batch)
+        nll, count = window_nll(model, batch, logits)
+        if on_logits is not None:
+            on_logits([rank + world * (start + j) for j in range(batch.size(0))], logits)
+        del logits
         total_nll += nll
         total_tokens += count
         if on_batch:

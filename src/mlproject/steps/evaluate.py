@@ -49,7 +49,12 @@ def run(cfg: EvaluateConfig, parent: tracking.Run | None = None) -> StepResult:
                                     fetch=tracking.download)
         run.set_tags(runs.lineage_tags(ref, loaded, cfg.role))
         run.log_params({"resolved_model": loaded.ref.target, "model_dtype": str(loaded.model.dtype)})
-        out = evaluate_loaded(loaded, plan, run)
+        # A lineage's root, unchanged (no upstream run, no adapter): its distributions over the PPL
+        # windows are stored for the KL of every model derived from it.
+        root = (not (loaded.meta.get("run_id") or ref.run_id or loaded.adapter or cfg.adapter)
+                and loaded.base_model == (ref.alias or ref.target)
+                and not hasattr(loaded.model, "peft_config"))  # an adapter folder from elsewhere
+        out = evaluate_loaded(loaded, plan, run, is_root=root)
         system = {**model_metrics(loaded.model), **memory.peak(), "eval_seconds": out.seconds}
         run.log_metrics(system)
         md = report(f"evaluate: {ref.label}", run, "evaluate", params, plan, out, system)

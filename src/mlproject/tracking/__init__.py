@@ -37,6 +37,7 @@ from mlproject.tracking.heartbeat import HEARTBEAT_ENV, heartbeat_seconds, liven
 from mlproject.tracking.lifecycle import command_line, extra_tags, step_run
 from mlproject.tracking.link import _LINK, RETRY_ENV, is_transient, retry_budget, tracking_uri, unsent_spools
 from mlproject.tracking.lookups import (check_model_uri, experiment_name, find_experiment_id, find_reusable,
+                                        find_tagged_run,
                                         last_metric_step, logged_model, record_reuse, run_data, run_experiment_id,
                                         upstream_key, where_to_look)
 from mlproject.tracking.names import (DEFAULT_EXPERIMENT, ERROR_TAG, HEARTBEAT_TAG, HOST_TAG, NOTE_TAG, PID_TAG,
@@ -50,7 +51,7 @@ __all__ = [
     "ARTIFACT_CACHE_DAYS_ENV", "DEFAULT_EXPERIMENT", "ERROR_TAG", "HEADLINE_VIEW", "HEARTBEAT_ENV", "HEARTBEAT_TAG",
     "HOST_TAG", "NOTE_TAG", "PID_TAG", "REAPED_TAG", "RETRY_ENV", "SYSTEM_PREFIX", "TAG_PREFIX", "_LINK", "NullRun",
     "Run", "check_model_uri", "check_server", "clean_mapping", "command_line", "download", "end_stale_run",
-    "experiment_name", "extra_tags", "find_experiment_id", "find_reusable", "headline_columns", "heartbeat_seconds",
+    "experiment_name", "extra_tags", "find_experiment_id", "find_reusable", "find_tagged_run", "headline_columns", "heartbeat_seconds",
     "is_transient", "last_metric_step", "liveness_tags", "logged_model", "metric_key", "names",
     "publish_headline_view", "reap_runs", "record_refusal", "record_reuse", "redact", "register_alias",
     "register_model", "resolve_params", "retry_budget", "run_data", "run_experiment_id", "run_status",

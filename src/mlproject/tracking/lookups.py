@@ -18,7 +18,7 @@ from mlproject.redaction import redact
 from mlproject.tracking.headline import HEADLINE_VIEW
 from mlproject.tracking.link import _LINK, _fail_fast
 from mlproject.tracking.names import (CACHE_KEY_TAG, ERROR_TAG, PARENT_RUN_TAG, REUSED_FROM_TAG, REUSED_KEY_TAG,
-                                      STEP_TAG, TAG_PREFIX, VIEW_TAG_PREFIX)
+                                      STEP_TAG, TAG_PREFIX, TOPK_KEY_TAG, VIEW_TAG_PREFIX)
 from mlproject.tracking.run import metric_key
 
 if TYPE_CHECKING:
@@ -141,6 +141,36 @@ def find_reusable(key: str, experiment_id: str) -> dict | None:
 
 
 @distributed.main_only
+def find_tagged_run(tag: str, value: str, experiment_id: str | None = None) -> str | None:
+    """The newest FINISHED run tagged ``tag = value``: in ``experiment_id`` first, then in any
+    active experiment (a base model's stored distributions serve candidates everywhere)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    query = f"tags.`{tag}` = '{value}' and attributes.status = 'FINISHED'"
+
+    def newest(ids: list[str]) -> str | None:
+        # a pipeline's record of a reused step holds the original's tags but none of its artifacts
+        for run in client.search_runs(ids, filter_string=query, order_by=["attributes.start_time DESC"],
+                                      max_results=10):
+            if REUSED_FROM_TAG not in run.data.tags:
+                return run.info.run_id
+        return None
+
+    if experiment_id and (found := newest([experiment_id])):
+        return found
+    token = None
+    while True:
+        page = client.search_experiments(max_results=100, page_token=token)
+        ids = [e.experiment_id for e in page if e.experiment_id != experiment_id]
+        if ids and (found := newest(ids)):
+            return found
+        token = page.token
+        if not token:
+            return None
+
+
+@distributed.main_only
 def record_reuse(parent: "Run", step: str, original: Mapping[str, Any], run_name: str,
                  extra_tags: Mapping[str, Any] | None = None) -> str:
     """A FINISHED child run of ``parent`` standing for a reused step: the original's params,
@@ -152,7 +182,7 @@ def record_reuse(parent: "Run", step: str, original: Mapping[str, Any], run_name
 
     client = MlflowClient()
     tags = {k: v for k, v in original["tags"].items()
-            if k.startswith(TAG_PREFIX) and k not in (CACHE_KEY_TAG, ERROR_TAG)}
+            if k.startswith(TAG_PREFIX) and k not in (CACHE_KEY_TAG, ERROR_TAG, TOPK_KEY_TAG)}
     tags.update({STEP_TAG: step, REUSED_FROM_TAG: original["run_id"],
                  REUSED_KEY_TAG: original["tags"].get(CACHE_KEY_TAG, ""),
                  PARENT_RUN_TAG: parent.run_id, **(extra_tags or {})})

@@ -82,6 +82,18 @@ AVG_ACC_METRICS_TAG = f"{TAG_PREFIX}avg_acc_metrics"
 #: steps.shared.evaluation: the lm-eval gates for code tasks that were opened on purpose.
 UNSAFE_CODE_TAG = f"{TAG_PREFIX}unsafe_code"
 
+#: steps.shared.evaluation: on a run that stored a model's next-token top-k distributions over its
+#: PPL windows (artifact ``kl/reference_topk.safetensors``), the key candidates find them by:
+#: a hash of the reference model, the scored windows (text, count, length, their token ids) and k.
+TOPK_KEY_TAG = f"{TAG_PREFIX}kl.topk_key"
+#: steps.shared.evaluation: on a run that logged ``kl/…`` metrics, the reference model they are
+#: measured against and the run that holds its distributions (``<model> (run <id>)``).
+KL_REFERENCE_TAG = f"{TAG_PREFIX}kl.reference"
+
+#: tracking.repair (set_run_tags, sync_spool): experiment tag changed whenever mlproject re-tags an
+#: ended run or replays a spool after the fact; compare's run table (compare.cache) refetches then.
+RUNS_CHANGED_TAG = f"{TAG_PREFIX}runs_changed"
+
 # -- reuse (mlproject.reuse computes the key; lookups find and record reuse) -------------------
 #: steps: the run's exact reuse key; lookups.find_reusable / upstream_key read it.
 CACHE_KEY_TAG = f"{TAG_PREFIX}cache_key"
@@ -163,3 +175,10 @@ TRAIN_PREFIX = "train/"
 BEFORE_PREFIX = "before/"
 #: finetune: after − before for ppl/*, avg_acc and each task's preferred metric.
 DELTA_PREFIX = "delta/"
+#: evaluation.engine: ``kl/<dataset>``, mean KL(reference ‖ model) per token over the PPL windows …
+KL_PREFIX = "kl/"
+#: … its median and 99th percentile (``kl_median/<dataset>``, ``kl_p99/<dataset>``) …
+KL_MEDIAN_PREFIX = "kl_median/"
+KL_P99_PREFIX = "kl_p99/"
+#: … and the share of tokens whose most likely next token is the reference's (``top1_agree/<dataset>``).
+TOP1_AGREE_PREFIX = "top1_agree/"

@@ -251,6 +251,20 @@ class Run:
             return
         self._log_bytes(text.encode("utf-8"), artifact_file)
 
+    def log_bytes(self, data: bytes, artifact_file: str) -> None:
+        """A generated binary artifact (a Parquet table, safetensors), through the spool like text."""
+        if self.spool is not None:
+            self._log_bytes(data, artifact_file)
+            return
+        import tempfile
+
+        parent = str(Path(artifact_file).parent)
+        with tempfile.TemporaryDirectory(prefix="mlproject-artifact-") as tmp:
+            local = Path(tmp) / Path(artifact_file).name
+            local.write_bytes(data)
+            _LINK.send(lambda: self.client.log_artifact(self.run_id, str(local), None if parent in ("", ".") else parent),
+                       "artifact")
+
     def _log_bytes(self, data: bytes, artifact_file: str) -> None:
         """A generated artifact: written into the spool, then sent from there."""
         parent = str(Path(artifact_file).parent)
@@ -329,6 +343,9 @@ class NullRun(Run):
         pass
 
     def log_artifacts(self, local_dir, artifact_path=None):
+        pass
+
+    def log_bytes(self, data, artifact_file):
         pass
 
     def _log_bytes(self, data, artifact_file):

@@ -121,6 +121,7 @@ def check_eval_fits(ref: ModelRef, plan: Any, pending: frozenset[str] = frozense
     from mlproject.evaluation.tasks import BUNDLED_TASKS
     from mlproject.models import loading
 
+    check_reference(plan, pending)
     if not plan.tasks or ref.run_id in pending:
         return
     if not context.may_generate(plan.tasks):
@@ -129,6 +130,22 @@ def check_eval_fits(ref: ModelRef, plan: Any, pending: frozenset[str] = frozense
     positions = context.context_length(config) if config is not None else None
     if positions:  # lm-eval's task index (hub tasks) is cached: the run reuses it
         context.check_generation_fits(plan.tasks, positions, ref.raw)
+
+
+def check_reference(plan: Any, pending: frozenset[str] = frozenset()) -> None:
+    """An explicit KL ``reference=<model>`` can be had: cached or on the hub, or a run / registry
+    model that exists (a pipeline's own earlier step is ``pending``: it will)."""
+    from mlproject.models import hub
+    from mlproject.models.reference import resolve
+
+    spec = plan.opts.reference
+    if spec in ("auto", "none") or not plan.ppl_name:
+        return
+    rref = resolve(spec)
+    if rref.kind in ("hub", "alias") and not rref.gguf:
+        hub.check_model(rref.raw, rref.target, what="reference model")
+    elif rref.kind in ("run", "registry") and rref.run_id not in pending:
+        tracking.check_model_uri(rref.raw)
 
 
 def check_data_sources(texts: dict[str, str] | None = None, training: str = "") -> None:
