@@ -939,7 +939,7 @@ def test_paging_requests_grow_with_pages(server):
 
     def run(page_size, parallel):
         return build(uri, CompareSpec(experiments=("code-dpo",), view="ranking",
-                                      page_size=page_size, parallel=parallel))
+                                      page_size=page_size, parallel=parallel, cache="off"))
 
     big, seq, par = run(1000, 1), run(7, 1), run(5, 4)
     assert big.stats["runs"] == seq.stats["runs"] == par.stats["runs"] == n

@@ -230,6 +230,9 @@ class CompareConfig:
     format: str = param("md,csv,json,html,png", "output formats: md, csv, json, html, png")
     status: str = param("FINISHED", "run statuses to compare: FINISHED, or a comma list of FINISHED, RUNNING, "
                         "FAILED, KILLED, or all (runs listed by id are always compared; labels show other statuses)")
+    cache: str = param("on", "local run table: on (fetch only runs changed since the last compare; edits by other "
+                       "clients to ended runs show after MLPROJECT_COMPARE_CACHE_TTL s), refresh (fetch all, "
+                       "rewrite), off", choices=("on", "refresh", "off"))
     run_name: str = param("", "run name (default: 'compare:<experiments or runs>')", cli_only=True)
     tracking_uri: str = param("", "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the local store ./mlflow.db)", cli_only=True)
 
@@ -238,7 +241,8 @@ class CompareConfig:
 
         return CompareSpec(experiments=self.experiment, runs=self.runs, filter=self.filter,
                            baseline=self.baseline, view=self.view, metrics=self.metrics,
-                           directions=self.directions, formats=self.format, statuses=self.status)
+                           directions=self.directions, formats=self.format, statuses=self.status,
+                           cache=self.cache)
 
     def __post_init__(self):
         coerce_fields(self)

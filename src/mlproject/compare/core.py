@@ -22,7 +22,7 @@ from mlproject.compare.spec import CompareSpec
 from mlproject.compare.tables.baseline import Baseline, resolve_baseline
 from mlproject.compare.tables.code_common import CommonSet, common_notes, common_problem_metrics, common_table
 from mlproject.compare.tables.lineage import lineage
-from mlproject.compare.tables.scores import Scores, select_metrics, task_scores
+from mlproject.compare.tables.scores import Scores, select_metrics, task_candidates, task_scores
 from mlproject.compare.views import Inputs, pareto, settings
 from mlproject.errors import UserError
 
@@ -191,6 +191,37 @@ def compute(runset: RunSet, spec: CompareSpec) -> CompareResult:
                          common=common)
 
 
+#: Per-document results are one download per run: beyond this many runs compared against a
+#: baseline, compare does not fetch them (10,000 downloads would take minutes) and says so.
+MAX_DOCUMENT_RUNS = 500
+
+
+def document_runs(runset: RunSet, spec: CompareSpec) -> list[str] | None:
+    """The runs whose per-document results a compare needs, or None when it needs none: with a
+    selected view that pairs documents (``View.uses_documents``) and a baseline (``baseline=``,
+    or two runs: a view's ``prepare`` may pair them), the in-scope runs and the baseline runs
+    that logged lm-eval task scores (``<task>/<score>`` metrics: the others have no documents)."""
+    chosen = views.selected(spec)
+    if not any(v.uses_documents for v in chosen):
+        return None
+    runs = runset.runs
+    scope = list(runs.index[runs["in_scope"].astype(bool)])
+    base_ids: list[str] = []
+    if spec.baseline:
+        try:
+            base_ids = resolve_baseline(spec.baseline, runs, runset.order).run_ids
+        except UserError:
+            return None  # compute says what is wrong with it
+    elif len(scope) != 2:
+        return None
+    keys = [k for ks in task_candidates(runset.metrics.columns).values() for k in ks]
+    if not keys:
+        return []
+    scored = runset.metrics[keys].notna().any(axis=1)
+    scored = scored.reindex(list(dict.fromkeys(scope + base_ids)), fill_value=False)
+    return list(scored.index[scored.to_numpy(dtype=bool)])
+
+
 def build(client_or_uri, spec: CompareSpec, *, exclude_run_ids=()) -> CompareResult:
     """Query the tracking server and compute every requested view.
 
@@ -208,12 +239,25 @@ def build(client_or_uri, spec: CompareSpec, *, exclude_run_ids=()) -> CompareRes
     t0 = time.perf_counter()
     runset = query.fetch_runs(client_or_uri, spec.experiments, spec.runs, spec.filter,
                               page_size=spec.page_size, parallel=spec.parallel,
-                              exclude_run_ids=exclude_run_ids, statuses=spec.statuses)
+                              exclude_run_ids=exclude_run_ids, statuses=spec.statuses,
+                              cache=spec.cache)
     if any(v.uses_code_problems for v in views.selected(spec)) and query.code_tasks_of(runset.metrics):
         query.fetch_code_problems(client_or_uri, runset, parallel=spec.parallel)
+    doc_runs = document_runs(runset, spec)
+    if doc_runs is not None and len(doc_runs) > MAX_DOCUMENT_RUNS:
+        doc_note = (f"per-document results not fetched: {len(doc_runs)} runs would need "
+                    f"them (at most {MAX_DOCUMENT_RUNS}); significance uses the standard errors "
+                    "and no flips are counted — narrow the compare (filter=…, runs=…) to pair "
+                    "runs on their documents")
+    else:
+        doc_note = None
+        if doc_runs:
+            query.fetch_documents(client_or_uri, runset, doc_runs, parallel=spec.parallel)
     t1 = time.perf_counter()
     result = compute(runset, spec)
     t2 = time.perf_counter()
+    if doc_note:
+        result.notes.append(doc_note)
     result.stats = {
         "runs": int(runset.runs["in_scope"].sum()),
         "lineage_runs": int((~runset.runs["in_scope"].astype(bool)).sum()),
@@ -222,6 +266,8 @@ def build(client_or_uri, spec: CompareSpec, *, exclude_run_ids=()) -> CompareRes
         "left_out": int(sum(runset.left_out.values())),
         "query_s": round(t1 - t0, 3),
         "tables_s": round(t2 - t1, 3),
+        "runs_from_cache": int(runset.cache.get("from_cache", 0) or 0),
+        "runs_fetched": int(runset.cache.get("fetched", 0) or 0),
     }
     log.info("compare: %(runs)d runs, %(requests)d requests, query %(query_s)ss, "
              "tables %(tables_s)ss", result.stats)

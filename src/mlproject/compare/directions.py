@@ -6,7 +6,8 @@ here; ``directions=avg_time=min,foo=max`` overrides it per call.
 Metric keys follow the run conventions (ARCHITECTURE.md): ``ppl/<dataset>``, ``nll/<dataset>``, ``<task>/<metric>``
 (``boolq/acc``, ``boolq/acc_stderr``), top-level ``avg_acc``, ``params_b``, ``eval_seconds`` …
 A key's *leaf* is its last ``/`` segment; directions are decided on the leaf, except for the
-``ppl/`` and ``nll/`` families whose leaf is a dataset name.
+families whose leaf is a dataset name: ``ppl/``, ``nll/`` and the KL families ``kl/``,
+``kl_median/``, ``kl_p99/`` (lower is better), ``top1_agree/`` (higher).
 """
 
 from __future__ import annotations
@@ -27,6 +28,14 @@ _DIRECTION_WORDS = {
 
 #: Prefixes whose whole family is lower-is-better whatever the leaf (the leaf is a dataset).
 LOWER_FAMILIES = ("ppl/", "nll/", "perplexity/", "loss/")
+#: Families measured against a reference model over the PPL windows (evaluation.engine,
+#: ``tracking.names.KL_PREFIX`` …; the leaf is a dataset): KL(reference ‖ model) per token —
+#: mean, median, 99th percentile — is lower-is-better …
+DIVERGENCE_FAMILIES = ("kl/", "kl_median/", "kl_p99/")
+#: … and the share of tokens whose most likely next token is the reference's is higher-is-better.
+AGREEMENT_FAMILIES = ("top1_agree/",)
+#: Both: metrics a candidate logs against its reference (its baseline has none of its own).
+REFERENCE_FAMILIES = DIVERGENCE_FAMILIES + AGREEMENT_FAMILIES
 #: Prefixes that are never comparison metrics by default (curves, system metrics, copies).
 RESERVED_PREFIXES = ("train/", "eval/", "system/", "before/", "delta/", "search/", "trial/")
 
@@ -119,8 +128,10 @@ def score_preference_key(leaf_name: str) -> tuple[int, int, str]:
 def known_direction(key: str) -> str | None:
     """The registry's direction for a metric key, or None when unknown."""
     k = key[len("before/"):] if key.startswith("before/") else key
-    if k.startswith(LOWER_FAMILIES):
+    if k.startswith(LOWER_FAMILIES) or k.startswith(DIVERGENCE_FAMILIES):
         return LOWER
+    if k.startswith(AGREEMENT_FAMILIES):
+        return HIGHER
     lf = leaf(k).lower()
     if lf.endswith("_stderr"):
         return LOWER

@@ -26,6 +26,13 @@ offsets (MLflow's SQL / file stores), so a multi-worker server searches them con
 Request count: one search call per page (plus at most ``parallel - 1`` empty ones), one ``get_run`` per
 explicitly listed run id, and one search per 100 missing lineage ids (plus ``get_run`` for
 lineage runs living in other experiments). It grows with pages, not with runs.
+
+Cache (``cache="on"``, the compare step's default; ``mlproject.compare.cache`` says how and
+what it cannot see): the experiments' runs come from a local run table, updated with the runs
+that changed since the last compare and checked against the server's count; ``"refresh"``
+fetches in full and rewrites the table, ``"off"`` (this function's default) does neither.
+``RunSet.cache`` reports runs served from the table, runs fetched and the requests made.
+Lineage runs already fetched (out of scope by status or step) are taken from what was fetched.
 """
 
 from __future__ import annotations
@@ -100,9 +107,16 @@ class RunSet:
     order: list[str] = field(default_factory=list)
     requests: int = 0
     left_out: dict[str, int] = field(default_factory=dict)  # status -> runs left out for it
+    #: the run table's report (``fetch_runs(cache=…)``): mode, from_cache (runs served from the
+    #: table), fetched (runs the server sent), requests (searches for the experiments), warm
+    #: (experiment ids updated), cold ({experiment id: why fetched in full}); empty when off
+    cache: dict = field(default_factory=dict)
     #: per-problem results of code tasks (``fetch_code_problems``): one row per (run, task,
     #: problem); None when not fetched
     problems: pd.DataFrame | None = None
+    #: per-document results of lm-eval tasks (``fetch_documents``): one row per (run, leaf
+    #: task, document, metric), columns ``DOCUMENT_COLUMNS``; None when not fetched
+    documents: pd.DataFrame | None = None
 
     @classmethod
     def from_records(cls, records: Iterable[dict], order: Sequence[str] = (),
@@ -202,10 +216,17 @@ def fetch_runs(
     exclude_steps: Iterable[str] = ("compare", "pipeline", "search"),
     lineage: bool = True,
     statuses: Iterable[str] | None = None,
+    cache: str = "off",
 ) -> RunSet:
-    """Search the tracking server; see the module docstring. Raises UserError on bad input."""
+    """Search the tracking server; see the module docstring. Raises UserError on bad input.
+
+    cache: ``on`` | ``off`` | ``refresh``, for the experiments' runs (``mlproject.compare.cache``).
+    """
     from mlflow.exceptions import MlflowException
 
+    from mlproject.compare.cache import check_mode
+
+    cache = check_mode(cache)
     client = _client(client_or_uri)
     page_size = max(1, min(int(page_size), SERVER_PAGE_CAP))
     requests = 0
@@ -213,15 +234,22 @@ def fetch_runs(
     requests += len(exps)
     exp_names = {e.experiment_id: e.name for e in exps}
     runs: dict[str, object] = {}
+    cache_info: dict = {}
 
     if exps:
         try:
-            for page in _search_pages(client, [e.experiment_id for e in exps],
-                                      filter_string or "", page_size, "ACTIVE_ONLY",
-                                      parallel=parallel):
-                requests += 1
-                for rec in page:
-                    runs[rec["run_id"]] = rec
+            if cache == "off":
+                for page in _search_pages(client, [e.experiment_id for e in exps],
+                                          filter_string or "", page_size, "ACTIVE_ONLY",
+                                          parallel=parallel):
+                    requests += 1
+                    for rec in page:
+                        runs[rec["run_id"]] = rec
+            else:
+                found, cache_info = _cached_search(client, exps, filter_string or "", page_size,
+                                                   parallel, cache)
+                requests += cache_info["requests"]
+                runs.update(found)
         except MlflowException as e:
             if filter_string and _is_bad_request(e):
                 raise UserError(f"invalid filter {filter_string!r}: "
@@ -258,7 +286,8 @@ def fetch_runs(
     extra: dict[str, object] = {}
     if lineage and scope:
         extra, n = _fetch_lineage(client, scope, exp_ids=sorted({r["experiment_id"]
-                                                                for r in scope.values()}))
+                                                                for r in scope.values()}),
+                                  known=runs)
         requests += n
 
     missing_names = {r["experiment_id"] for r in [*scope.values(), *extra.values()]
@@ -281,14 +310,21 @@ def fetch_runs(
              len(records) - len(scope), requests)
     out = RunSet.from_records(records, order=order, requests=requests)
     out.left_out = left_out
+    out.cache = cache_info
     return out
 
 
-def _fetch_lineage(client, scope: dict, exp_ids: list[str]) -> tuple[dict, int]:
-    """Upstream runs referenced by ``mlproject.upstream_run`` but not fetched yet."""
+def _fetch_lineage(client, scope: dict, exp_ids: list[str],
+                   known: dict | None = None) -> tuple[dict, int]:
+    """Upstream runs referenced by ``mlproject.upstream_run`` but not fetched yet.
+
+    ``known``: records already fetched (out of scope by status or step): used as they are,
+    without a request.
+    """
     from mlflow.exceptions import MlflowException
 
     have = dict(scope)
+    known = known or {}
     extra: dict[str, dict] = {}
     requests = 0
     frontier = list(scope.values())
@@ -298,6 +334,14 @@ def _fetch_lineage(client, scope: dict, exp_ids: list[str]) -> tuple[dict, int]:
                          and is_run_id(up) and up not in have})
         if not wanted:
             break
+        local = [known[rid] for rid in wanted if rid in known]
+        for r in local:
+            have[r["run_id"]] = r
+            extra[r["run_id"]] = r
+        wanted = [rid for rid in wanted if rid not in known]
+        if not wanted:
+            frontier = local
+            continue
         got: list[dict] = []
         for i in range(0, len(wanted), _LINEAGE_CHUNK):
             ids = ",".join(f"'{x}'" for x in wanted[i:i + _LINEAGE_CHUNK])
@@ -316,32 +360,211 @@ def _fetch_lineage(client, scope: dict, exp_ids: list[str]) -> tuple[dict, int]:
         for r in got:
             have[r["run_id"]] = r
             extra[r["run_id"]] = r
-        frontier = got
+        frontier = local + got
     return extra, requests
+
+
+def _cached_search(client, exps: list, filter_string: str, page_size: int, parallel: int,
+                   mode: str) -> tuple[dict[str, dict], dict]:
+    """The experiments' runs (matching ``filter_string``) through the local run table.
+
+    Each experiment whose table can be updated (``cache.cold_reason`` is None) is updated by
+    ``_warm_update``; the others, and those whose update failed its checks, are searched in
+    full, as without a cache, and their tables rewritten. Returns ``(records by run id,
+    report)``; the report is ``RunSet.cache``.
+    """
+    from mlproject.compare import cache
+
+    RUNS_CHANGED_TAG = names.RUNS_CHANGED_TAG
+
+    creds = _rest_creds(client)
+    server = creds.host if creds is not None else str(client.tracking_uri)
+    user = (getattr(creds, "username", None) or "") if creds is not None else ""
+    started = cache.now_ms()  # before any search: the next "ended since" looks back from here
+    ttl = cache.ttl_seconds()
+    by_id = {e.experiment_id: e for e in exps}
+    info: dict = {"mode": mode, "from_cache": 0, "fetched": 0, "requests": 0, "warm": [],
+                  "cold": {}}
+    warm: list[cache.Entry] = []
+    for e in by_id.values():
+        entry = None if mode == "refresh" else cache.load(server, user, e.experiment_id,
+                                                           filter_string)
+        reason = cache.cold_reason(entry, mode=mode, experiment_created=e.creation_time,
+                                   runs_changed=e.tags.get(RUNS_CHANGED_TAG), now=started,
+                                   ttl_s=ttl)
+        if reason:
+            info["cold"][e.experiment_id] = reason
+        else:
+            warm.append(entry)
+
+    records: dict[str, dict] = {}
+    if warm:
+        update, n, why = _warm_update(client, creds, warm, filter_string, page_size, parallel)
+        info["requests"] += n
+        if update is None:
+            log.info("compare cache: %s; fetching in full", why)
+            info["cold"].update({e.experiment_id: why for e in warm})
+        else:
+            info["warm"] = [e.experiment_id for e in warm]
+            info["from_cache"] += update.from_cache
+            info["fetched"] += update.fetched
+            records.update(update.records)
+            for e in warm:
+                e.records = {rid: r for rid, r in update.records.items()
+                             if r["experiment_id"] == e.experiment_id}
+                if update.changed:  # else the stored table (and its watermark) still holds
+                    e.fetched_ms = started
+                    cache.save(e)
+
+    cold_ids = [eid for eid in by_id if eid in info["cold"]]
+    if cold_ids:
+        seen: dict = {}
+        fetched: dict[str, dict] = {}
+        for page in _search_pages(client, cold_ids, filter_string, page_size, "ACTIVE_ONLY",
+                                  parallel=parallel, seen=seen):
+            info["requests"] += 1
+            for rec in page:
+                fetched[rec["run_id"]] = rec
+        offsets = seen.get("offset_tokens")
+        if offsets is None and len(fetched) >= 2:  # one page: ask for a token to learn its kind
+            _, token = _one_page(client, creds, cold_ids, filter_string, 1, "ACTIVE_ONLY", None)
+            info["requests"] += 1
+            offsets = token is not None and _token_offset(token) is not None
+        info["fetched"] += len(fetched)
+        records.update(fetched)
+        for eid in cold_ids:
+            entry = cache.new_entry(server, user, eid, filter_string)
+            entry.experiment_created = by_id[eid].creation_time
+            entry.runs_changed = by_id[eid].tags.get(RUNS_CHANGED_TAG)
+            entry.offset_tokens = bool(offsets)
+            entry.fetched_ms = entry.verified_ms = started
+            entry.records = {rid: r for rid, r in fetched.items() if r["experiment_id"] == eid}
+            cache.save(entry)
+    log.info("compare cache: %d runs from the table, %d fetched, %d requests (warm %s, cold %s)",
+             info["from_cache"], info["fetched"], info["requests"], info["warm"], info["cold"])
+    return records, info
+
+
+def _warm_update(client, creds, entries: list, filter_string: str, page_size: int,
+                 parallel: int):
+    """Update stored tables with what changed on the server; see ``mlproject.compare.cache``.
+
+    Returns ``(cache.Update, requests, "")`` when the result passed the count check, else
+    ``(None, requests, why)``: the caller then fetches in full.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from mlproject.compare import cache
+
+    cached = {rid: r for e in entries for rid, r in e.records.items()}
+    exp_ids = [e.experiment_id for e in entries]
+    since = min(e.fetched_ms for e in entries) - cache.SLACK_MS
+    was_live = [rid for rid, r in cached.items() if r.get("status") in cache.LIVE_STATUSES]
+
+    def scoped(ours: str) -> str:
+        return cache.and_filter(filter_string, ours)
+
+    queries = [scoped(cache.live_filter()), scoped(f"attributes.end_time >= {since}")]
+    queries += [scoped(cache.ids_clause(ids)) for ids in cache.chunks(was_live)]
+    queries += [scoped(cache.not_in_filter(prefix, ids))
+                for prefix, ids in cache.not_in_groups(cached)]
+    requests = 0
+    try:
+        results, requests = _searches(client, creds, exp_ids, queries, page_size,
+                                      "ACTIVE_ONLY", parallel)
+        found = [r for recs in results for r in recs]
+        found_ids = {r["run_id"] for r in found}
+        update = cache.apply_changes(cached, found, [rid for rid in was_live
+                                                     if rid not in found_ids])
+        exact, n = _count_is(client, creds, exp_ids, filter_string, len(update.records))
+        requests += n
+        if exact is False and update.records:  # fewer on the server: deleted cached runs?
+            unseen = [rid for rid in update.records if rid not in found_ids]
+            results, n = _searches(client, creds, exp_ids,
+                                   [cache.ids_clause(ids) for ids in cache.chunks(unseen)],
+                                   page_size, "DELETED_ONLY", parallel)
+            requests += n
+            deleted = [r["run_id"] for recs in results for r in recs]
+            if deleted:
+                after = cache.apply_changes(update.records, (), deleted)
+                update = cache.Update(after.records, update.fetched, True,
+                                      update.from_cache - len(deleted))
+                exact, n = _count_is(client, creds, exp_ids, filter_string,
+                                     len(update.records))
+                requests += n
+    except MlflowException as exc:
+        return None, requests, f"the update failed ({_first_line(str(exc))})"
+    if not exact:
+        return None, requests, "the run count differs from the updated table"
+    return update, requests, ""
+
+
+def _searches(client, creds, exp_ids, filters: list[str], page_size: int, view: str,
+              parallel: int) -> tuple[list[list[dict]], int]:
+    """Every page of each search (``parallel`` searches at once against a server)."""
+
+    def one(flt):
+        recs, n = [], 0
+        for page in _search_pages(client, exp_ids, flt, page_size, view):
+            n += 1
+            recs.extend(page)
+        return recs, n
+
+    if creds is not None and parallel > 1 and len(filters) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(parallel, len(filters)),
+                                thread_name_prefix="compare-cache") as pool:
+            done = list(pool.map(one, filters))
+    else:
+        done = [one(f) for f in filters]
+    return [recs for recs, _ in done], sum(n for _, n in done)
+
+
+def _count_is(client, creds, exp_ids, filter_string: str, n: int) -> tuple[bool, int]:
+    """Whether exactly ``n`` runs match: one search of 2 runs at offset ``n - 1`` (page tokens
+    are offsets) returns exactly one. Returns ``(answer, requests)``."""
+    if n == 0:
+        recs, _ = _one_page(client, creds, exp_ids, filter_string, 1, "ACTIVE_ONLY", None)
+        return not recs, 1
+    recs, _ = _one_page(client, creds, exp_ids, filter_string, 2, "ACTIVE_ONLY",
+                        _offset_token(n - 1))
+    return len(recs) == 1, 1
+
+
+def _one_page(client, creds, exp_ids, filter_string, max_results, view, token):
+    if creds is not None:
+        return _rest_page(creds, exp_ids, filter_string, max_results, view, token)
+    return _entity_page(client, exp_ids, filter_string, max_results, view, token)
 
 
 _SEARCH_ENDPOINT = "/api/2.0/mlflow/runs/search"
 
 
 def _search_pages(client, exp_ids: list[str], filter_string: str, page_size: int,
-                  view: str, parallel: int = 1) -> Iterator[list[dict]]:
+                  view: str, parallel: int = 1, seen: dict | None = None) -> Iterator[list[dict]]:
     """Yield one list of run records per ``runs/search`` page, in order, following tokens.
 
     With ``parallel > 1`` and a server whose page tokens are plain offsets (MLflow's SQL and
     file stores: base64 of ``{"offset": n}``), pages after the first are requested
     ``parallel`` at a time, so a server with several workers searches them concurrently;
     at most ``parallel - 1`` requests past the last page come back empty. Any other token
-    format falls back to one page after the other.
+    format falls back to one page after the other. ``seen["offset_tokens"]`` (when given)
+    says whether the first page token was an offset (absent: a single page, no token).
     """
     creds = _rest_creds(client)
     if creds is None:
         token = None
         while True:
             records, token = _entity_page(client, exp_ids, filter_string, page_size, view, token)
+            if token and seen is not None and "offset_tokens" not in seen:
+                seen["offset_tokens"] = _token_offset(token) is not None
             yield records
             if not token:
                 return
     records, token = _rest_page(creds, exp_ids, filter_string, page_size, view, None)
+    if token and seen is not None:
+        seen["offset_tokens"] = _token_offset(token) is not None
     yield records
     if parallel > 1 and token and _token_offset(token) == page_size:
         from concurrent.futures import ThreadPoolExecutor
@@ -533,3 +756,68 @@ def fetch_code_problems(client_or_uri, runset: RunSet, parallel: int = DEFAULT_P
         {"time_s": "float64", "ref_time_s": "float64", "time_ratio": "float64"})
     runset.requests += len(jobs)
     return len(jobs)
+
+
+#: Artifact every evaluation logs its per-document results to (``evaluation.documents``).
+DOCUMENTS_ARTIFACT = "eval/documents.parquet"
+#: ``RunSet.documents``: the artifact's columns (task, group, doc_id, doc_hash, metric, value;
+#: see ``compare.tables.paired``) after the run's id
+DOCUMENT_COLUMNS = ["run_id", "task", "group", "doc_id", "doc_hash", "metric", "value"]
+
+
+def fetch_documents(client_or_uri, runset: RunSet, run_ids: Iterable[str],
+                    parallel: int = DEFAULT_PARALLEL) -> int:
+    """Download the per-document results of ``run_ids`` into ``runset.documents``.
+
+    One download per run, ``parallel`` at a time. A run without the artifact (older runs, runs
+    built from metrics alone) or with an unreadable one simply has no rows; the views then fall
+    back to the standard-error rule for it. Returns the number of requests made.
+    """
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mlflow.exceptions import MlflowException
+
+    client = _client(client_or_uri)
+    jobs = list(dict.fromkeys(run_ids))
+    wanted = DOCUMENT_COLUMNS[1:]
+
+    def get(rid: str) -> pd.DataFrame | None:
+        with tempfile.TemporaryDirectory(prefix="mlproject-compare-") as tmp:
+            try:
+                path = client.download_artifacts(rid, DOCUMENTS_ARTIFACT, tmp)
+                df = pd.read_parquet(path, columns=wanted)
+            except (MlflowException, OSError, ValueError, KeyError) as exc:
+                log.info("no per-document results for run %s: %s", rid, _first_line(str(exc)))
+                return None
+        df = df.astype({"task": "str", "group": "str", "doc_id": "int64", "doc_hash": "str",
+                        "metric": "str", "value": "float64"})
+        df.insert(0, "run_id", rid)
+        return df
+
+    frames = []
+    if jobs:
+        with _quiet_downloads(), ThreadPoolExecutor(max(1, min(parallel, len(jobs)))) as pool:
+            frames = [f for f in pool.map(get, jobs) if f is not None and len(f)]
+    runset.documents = (pd.concat(frames, ignore_index=True) if frames else
+                        pd.DataFrame({c: pd.Series(dtype="float64" if c == "value" else
+                                                   "int64" if c == "doc_id" else "str")
+                                      for c in DOCUMENT_COLUMNS}))
+    runset.requests += len(jobs)
+    return len(jobs)
+
+
+class _quiet_downloads:
+    """MLflow draws a progress bar per download; one per tiny artifact would flood the terminal."""
+
+    _ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
+    def __enter__(self):
+        self._before = os.environ.get(self._ENV)
+        os.environ[self._ENV] = "false"
+
+    def __exit__(self, *exc):
+        if self._before is None:
+            os.environ.pop(self._ENV, None)
+        else:
+            os.environ[self._ENV] = self._before

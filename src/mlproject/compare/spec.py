@@ -47,6 +47,10 @@ class CompareSpec:
     max_rows: rows per table (and versus sections) shown in Markdown/HTML; CSV/JSON are full.
     page_size: runs per ``runs/search`` page (the server allows at most 50,000).
     parallel: page requests in flight at once after the first page (1 = one by one).
+    cache [cache]: the local run table (``mlproject.compare.cache``): ``on`` fetches only runs
+        changed since the last compare of an experiment (checked against the server's count;
+        tag edits by other clients show after ``MLPROJECT_COMPARE_CACHE_TTL`` seconds),
+        ``refresh`` fetches everything and rewrites the table, ``off`` neither reads nor writes it.
     """
 
     experiments: tuple[str, ...] = ()
@@ -62,6 +66,7 @@ class CompareSpec:
     page_size: int = 2_500
     parallel: int = 4
     title: str = ""
+    cache: str = "on"
 
     def __post_init__(self):
         from mlproject.compare.directions import parse_overrides
@@ -95,16 +100,19 @@ class CompareSpec:
             raise UserError(f"page_size must be within 1..50000, got {self.page_size}")
         if not 1 <= self.parallel <= 32:
             raise UserError(f"parallel must be within 1..32, got {self.parallel}")
+        from mlproject.compare.cache import check_mode
+
+        self.cache = check_mode(self.cache)
 
     @classmethod
     def from_params(cls, experiment: str = "", runs: str = "", filter: str = "",  # noqa: A002
                     baseline: str = "", view: str = "all", metrics: str = "",
                     directions: str = "", format: str = "md,csv,json,html,png",  # noqa: A002
-                    status: str = "FINISHED", **extra) -> CompareSpec:
+                    status: str = "FINISHED", cache: str = "on", **extra) -> CompareSpec:
         """From the MLproject parameter names (all strings, comma-separated lists)."""
         return cls(experiments=experiment, runs=runs, filter=filter, baseline=baseline,
                    view=view, metrics=metrics, directions=directions, formats=format,
-                   statuses=status, **extra)
+                   statuses=status, cache=cache, **extra)
 
     @property
     def all_views(self) -> bool:

@@ -20,12 +20,16 @@ from mlproject.redaction import clean_mapping, redact
 from mlproject.tracking.heartbeat import heartbeat_seconds
 from mlproject.tracking.link import _fail_fast, _http_defaults
 from mlproject.tracking.names import (ERROR_TAG, HEARTBEAT_TAG, HOST_TAG, NOTE_TAG, PARENT_RUN_TAG, PID_TAG,
-                                      REAPED_TAG, RUN_NAME_TAG, STEP_TAG)
+                                      REAPED_TAG, RUN_NAME_TAG, RUNS_CHANGED_TAG, STEP_TAG)
 from mlproject.tracking.run import _MAX_TAG_LEN, resolve_params, send_metrics
 from mlproject.tracking.server import _first_line, check_server
 from mlproject.tracking.spool import Spool
 
 log = logging.getLogger(__name__)
+
+# mark_runs_changed sets names.RUNS_CHANGED_TAG on an experiment when runs of it were changed after
+# they ended (tags written here, a spool sent late); compare's run table refetches an experiment
+# whose mark changed (``mlproject.compare.cache``). Value: ``<ms>-<random>``, unique per write.
 
 
 def sync_spool(path: str | Path, tracking_uri_: str | None = None) -> dict:
@@ -99,6 +103,8 @@ def sync_spool(path: str | Path, tracking_uri_: str | None = None) -> dict:
             spool.mark_sent(rec["seq"])
             counts[op] = counts.get(op, 0) + 1
         complete = not spool.pending()
+        if counts:
+            mark_runs_changed(client, run.info.experiment_id)
     finally:
         lock.release()
     if complete:
@@ -228,7 +234,26 @@ def set_run_tags(run_id: str, tags: Mapping[str, Any]) -> None:
 
     items = [RunTag(k, v) for k, v in clean_mapping(tags, _MAX_TAG_LEN).items()]
     if items:
-        MlflowClient().log_batch(run_id, tags=items, synchronous=True)
+        client = MlflowClient()
+        client.log_batch(run_id, tags=items, synchronous=True)
+        mark_runs_changed(client, client.get_run(run_id).info.experiment_id)
+
+
+def mark_runs_changed(client, experiment_id: str) -> None:
+    """Tell compare's run tables that runs of this experiment changed after the fact: MLflow
+    keeps no per-run change time, and a tag write does not touch the experiment. Best effort
+    (the run's own write already succeeded); a table missing the mark goes stale until its
+    time to live (``MLPROJECT_COMPARE_CACHE_TTL``)."""
+    import uuid
+
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.set_experiment_tag(experiment_id, RUNS_CHANGED_TAG,
+                                  f"{int(time.time() * 1000)}-{uuid.uuid4().hex[:8]}")
+    except MlflowException as exc:
+        log.warning("could not mark experiment %s as changed (compare caches may show old tags "
+                    "until their time to live): %s", experiment_id, _first_line(exc))
 
 
 def run_status(run_id: str) -> str | None:

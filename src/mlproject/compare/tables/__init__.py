@@ -2,13 +2,14 @@
 unrounded numbers.
 
 Input is a :class:`~mlproject.compare.query.RunSet` (``runs`` + ``metrics`` frames). Every
-function is vectorised over runs (every view for 10,000 runs × 20 metrics: ~2 s here). The views
-themselves (summary, versus, ranking …) live in :mod:`mlproject.compare.views`.
+function is vectorised over runs (every view for 10,000 runs × 20 metrics: ~1.2 s here,
+``benchmarks/compare_compute.py``). The views themselves (summary, versus, ranking …) live in
+:mod:`mlproject.compare.views`.
 
 Modules: ``frames`` (pandas helpers, run labels), ``scores`` (each task's headline score, mean
 accuracy, ``metrics=`` selection), ``lineage`` (upstream runs, family, root model), ``baseline``
 (``baseline=`` resolved to runs and values), ``deltas`` (improved, significant, % change),
-``code_common`` (code tasks' times on the problems every run solved).
+``paired`` (flips and paired tests on per-document results), ``code_common`` (code tasks' times on the problems every run solved).
 
 Conventions assumed (see also ``query.py``):
 
@@ -28,6 +29,9 @@ Conventions assumed (see also ``query.py``):
   empty or a step default (``eval``, ``pruned``, ``quantized``: ``views.summary.BEFORE_ROLES``);
   ``base``, ``finetuned``, ``best_acc`` … stay rows.
 * Percent changes are computed from unrounded values: (after − before) / before × 100.
-* Significance (versus view): a delta is significant when |Δ| ≥ 2·sqrt(se_base² + se_cand²),
-  the standard errors being ``<task>/<metric>_stderr``; unknown (NA) without both.
+* Significance (versus, summary, ranking): where both runs have per-document results for the
+  task (``RunSet.documents``), a paired test on the documents both scored (``paired``: exact
+  McNemar for 0/1 scores, a paired t-test otherwise; p < 0.05); else a delta is significant when
+  |Δ| ≥ 2·sqrt(se_base² + se_cand²), the standard errors being ``<task>/<metric>_stderr``; unknown
+  (NA) without both. The ``test`` column says which decided.
 """

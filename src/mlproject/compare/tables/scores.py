@@ -43,7 +43,7 @@ def task_candidates(columns: Sequence[str]) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for key in columns:
         g, lf = dirs.group(key), dirs.leaf(key)
-        if not g or dirs.is_reserved(key) or key.startswith(dirs.LOWER_FAMILIES):
+        if not g or dirs.is_reserved(key) or key.startswith((*dirs.LOWER_FAMILIES, *dirs.REFERENCE_FAMILIES)):
             continue
         if dirs.is_score(lf):
             out.setdefault(g, []).append(key)

@@ -107,6 +107,9 @@ class View:
     uses_code_problems: bool = False
     #: it shows those times without saying they are on the common problems, so a note must
     notes_common_problems: bool = False
+    #: it pairs runs on their per-document results against the baseline (flips, paired
+    #: tests): with a baseline, fetch them (``RunSet.documents``)
+    uses_documents: bool = False
 
 
 def unknown_view(name: str) -> UserError:

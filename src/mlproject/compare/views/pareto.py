@@ -1,6 +1,7 @@
-"""Trade-offs, shown by every compare (not a selectable view): mean accuracy against PPL and
-against size per run with Pareto-front flags — the table, its block and its two scatter plots;
-also the front computation the ranking's trade-off plots use."""
+"""Trade-offs, shown by every compare (not a selectable view): mean accuracy against PPL,
+against size and against the mean KL divergence from the reference model per run, with
+Pareto-front flags — the table, its block and its scatter plots; also the front computation
+the ranking's trade-off plots use."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from mlproject.compare.render import figures
 from mlproject.compare.render.blocks import Heading, Image, Items, fmt
 from mlproject.compare.tables.frames import run_labels
 from mlproject.compare.tables.scores import Scores, mean_accuracy
+
+#: ``kl/<dataset>``: mean KL(reference ‖ model) per token (tracking.names.KL_PREFIX)
+KL_PREFIX = "kl/"
 
 
 def pareto_front(x: pd.Series, y: pd.Series, x_dir: str, y_dir: str) -> pd.Series:
@@ -31,7 +35,10 @@ def pareto_front(x: pd.Series, y: pd.Series, x_dir: str, y_dir: str) -> pd.Serie
 
 
 def pareto_table(runs: pd.DataFrame, metrics: pd.DataFrame, scores: Scores) -> pd.DataFrame:
-    """Accuracy vs PPL and vs size per in-scope run, with Pareto-front flags."""
+    """Accuracy vs PPL, vs size and vs mean KL per in-scope run, with Pareto-front flags.
+
+    ``kl``: the mean over the run's ``kl/<dataset>`` metrics (KL(reference ‖ model) per token,
+    logged by runs measured against a reference; the others have none and no point)."""
     scope = runs.index[runs["in_scope"].astype(bool)]
     acc = mean_accuracy(metrics, scores).reindex(scope)
     df = pd.DataFrame({"run_id": scope, "run": run_labels(runs).reindex(scope).to_numpy(),
@@ -44,6 +51,11 @@ def pareto_table(runs: pd.DataFrame, metrics: pd.DataFrame, scores: Scores) -> p
     if "params_b" in metrics:
         df["params_b"] = metrics.loc[scope, "params_b"]
         df["front_acc_size"] = pareto_front(df["params_b"], df["acc"], LOWER, HIGHER)
+    kl_keys = sorted(k for k in metrics.columns if k.startswith(KL_PREFIX))
+    if kl_keys:
+        df["kl"] = metrics.loc[scope, kl_keys].mean(axis=1, skipna=True)
+        df["kl_keys"] = ", ".join(kl_keys)
+        df["front_acc_kl"] = pareto_front(df["kl"], df["acc"], LOWER, HIGHER)
     df = df[df["acc"].notna()]
     return df.reset_index(drop=True)
 
@@ -67,6 +79,11 @@ def blocks(result, images: list[str]) -> list:
         f = par[par["front_acc_size"]].sort_values("params_b")
         items.append("accuracy vs size: " + ", ".join(
             f"{r.run} ({fmt(r.acc, 4)}, {fmt(r.params_b, 2)} B)" for r in f.head(20).itertuples()))
+    if "front_acc_kl" in par and par["front_acc_kl"].any():
+        f = par[par["front_acc_kl"]].sort_values("kl")
+        items.append(f"accuracy vs mean KL from the reference ({par['kl_keys'].iloc[0]}): "
+                     + ", ".join(f"{r.run} ({fmt(r.acc, 4)}, KL {fmt(r.kl, 4)})"
+                                 for r in f.head(20).itertuples()))
     if items or images:
         out.append(Heading(2, "Trade-offs"))
     if items:
@@ -77,7 +94,7 @@ def blocks(result, images: list[str]) -> list:
 
 
 def plots(result) -> dict[str, bytes]:
-    """Accuracy vs PPL and vs size, the front marked."""
+    """Accuracy vs PPL, vs size and vs mean KL, the front marked."""
     out: dict[str, bytes] = {}
     par = result.tables.get("pareto")
     if par is not None and len(par):
@@ -89,4 +106,9 @@ def plots(result) -> dict[str, bytes]:
             out["acc_vs_size.png"] = figures.png(figures.scatter(
                 par, "params_b", "acc", "front_acc_size", "parameters (B) ↓",
                 "mean accuracy ↑", "Accuracy vs size"))
+        if "kl" in par and par["kl"].notna().any():
+            out["kl_vs_acc.png"] = figures.png(figures.scatter(
+                par, "kl", "acc", "front_acc_kl", f"mean KL(reference ‖ model) per token "
+                f"({par['kl_keys'].iloc[0]}) ↓", "mean accuracy ↑",
+                "Accuracy vs KL divergence from the reference"))
     return out

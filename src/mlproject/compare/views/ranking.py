@@ -1,7 +1,8 @@
 """``view=ranking``: medals per benchmark and metric (🥇🥈🥉 for the best three, 🔻 the worst);
 with a baseline, each run's deltas and speedups against it and its category ("better than
-baseline on every metric", "faster but less accurate" …); the Markdown/HTML sections and one
-trade-off scatter per benchmark with exactly two directed metrics."""
+baseline on every metric", "faster but less accurate" …) and, where both runs have
+per-document results, its flips against it (``tables.paired``); the Markdown/HTML sections and
+one trade-off scatter per benchmark with exactly two directed metrics."""
 
 from __future__ import annotations
 
@@ -19,17 +20,21 @@ from mlproject.compare.render.blocks import (
 from mlproject.compare.tables.baseline import Baseline, baseline_values
 from mlproject.compare.tables.code_common import COMMON_TIME_METRICS
 from mlproject.compare.tables.deltas import improved
-from mlproject.compare.tables.frames import lists_by, map_once, run_labels
+from mlproject.compare.tables.frames import join_by, map_once, run_labels
+from mlproject.compare.tables.paired import paired_tests
 from mlproject.compare.tables.scores import Scores, benchmark_of
 from mlproject.compare.views import View
 from mlproject.compare.views.pareto import pareto_front
+from mlproject.compare.views.versus import flips_text
 
 MEDALS = {1: "gold", 2: "silver", 3: "bronze"}
 RANKING_COLUMNS = ["benchmark", "metric", "key", "direction", "run_id", "run", "value",
                    "rank", "medal", "worst"]
+#: flips against the baseline on paired documents (``tables.paired``), NA without them
+FLIP_COLUMNS = ["n_pairs", "correct_to_wrong", "wrong_to_correct", "flip_rate", "p_value", "test"]
 DELTA_COLUMNS = ["benchmark", "metric", "key", "direction", "run_id", "run", "baseline_id",
                  "baseline", "baseline_value", "value", "delta", "rel_pct", "speedup",
-                 "improved"]
+                 "improved", *FLIP_COLUMNS]
 LIST_COLUMNS = ["benchmark", "category", "run_id", "run", "better", "worse"]
 ALL_BETTER = "better than baseline on every metric"
 ALL_WORSE = "worse than baseline on every metric"
@@ -102,8 +107,10 @@ def ranking(runs: pd.DataFrame, metrics: pd.DataFrame, keys: Sequence[str],
 
 
 def ranking_delta(rank: pd.DataFrame, runs: pd.DataFrame, metrics: pd.DataFrame,
-                  base: Baseline, d: Directions) -> pd.DataFrame:
-    """Each run against the baseline: delta, relative %, speedup (time-like metrics)."""
+                  base: Baseline, d: Directions,
+                  documents: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Each run against the baseline: delta, relative %, speedup (time-like metrics), and its
+    flips on the paired per-document results (``documents``) where both runs have them."""
     if rank.empty:
         return pd.DataFrame(columns=DELTA_COLUMNS)
     df = rank[~rank["run_id"].isin(base.run_ids)].copy()
@@ -122,6 +129,9 @@ def ranking_delta(rank: pd.DataFrame, runs: pd.DataFrame, metrics: pd.DataFrame,
     df["speedup"] = np.where(time_like, df["baseline_value"] / v, np.nan)
     df["improved"] = improved(df["delta"], df["direction"])
     df = df[df["baseline_value"].notna()]
+    paired = paired_tests(documents, df.rename(columns={"run_id": "candidate_id"}))
+    for col in FLIP_COLUMNS:
+        df[col] = paired[col]
     return df[DELTA_COLUMNS].reset_index(drop=True)
 
 
@@ -142,10 +152,13 @@ def ranking_lists(delta: pd.DataFrame) -> pd.DataFrame:
     g = df.groupby(["benchmark", "run_id"], sort=False)
     a = pd.DataFrame({"run": g["run"].first(), "n": g.size(),
                       **{c: g[c].sum() for c in ("_b", "_w", "_bt", "_wt", "_bs", "_ws")}})
+    # the metrics better / worse per (benchmark, run), in row order, by group number (the
+    # groups of ``a``, in order of first appearance as ``ngroup`` numbers them)
+    group = g.ngroup().fillna(-1).to_numpy(dtype="int64")
+    metric = df["metric"].to_numpy(dtype=object)
     for col, mask in (("better", better), ("worse", worse)):
-        lists = lists_by(df[mask], ["benchmark", "run_id"], "metric")
-        lists = lists.reindex(a.index) if len(lists) else pd.Series(None, index=a.index)
-        a[col] = [", ".join(v) if isinstance(v, list) else "" for v in lists]
+        mask = mask & (group >= 0)
+        a[col] = join_by(group[mask], len(a), metric[mask])
     mixed = (a["_b"] > 0) & (a["_w"] > 0)
     faster = mixed & (a["_bt"] == a["_b"]) & (a["_wt"] == 0)
     slower = mixed & (a["_wt"] == a["_w"]) & (a["_bt"] == 0)
@@ -184,7 +197,7 @@ def compute(inp) -> dict[str, pd.DataFrame]:
         inp.notes.append("direction unknown (no medals): " + ", ".join(unknown)
                          + " — pass directions=<metric>=min|max")
     if inp.base is not None:
-        delta = ranking_delta(rk, inp.runs, inp.metrics, inp.base, d)
+        delta = ranking_delta(rk, inp.runs, inp.metrics, inp.base, d, inp.runset.documents)
         out["ranking_delta"] = delta
         out["ranking_lists"] = ranking_lists(delta)
     return out
@@ -268,14 +281,19 @@ def _delta_blocks(result, bench, keys, dg: pd.DataFrame, lists, max_rows: int, d
         out.append(Para("Baseline values: " + ", ".join(
             f"{dirs.leaf(k)} {fmt(bv[k], dec.get(k, 4))}" for k in keys if k in bv)))
     timed = {k for k in keys if dirs.is_time_like(k)}
+    flipped = set(dg.loc[dg["correct_to_wrong"].notna(), "key"])
     per_family = base.mode == "family"
     cols = ["Run"] + (["Baseline"] if per_family else [])
     for k in keys:
         cols.append(f"{dirs.leaf(k)} Δ")
         if k in timed:
             cols.append(f"{dirs.leaf(k)} speedup")
-    cells = {(r, k): (d, sp, imp) for r, k, d, sp, imp in zip(
-        dg["run_id"], dg["key"], dg["delta"], dg["speedup"], dg["improved"], strict=True)}
+        if k in flipped:
+            cols.append(f"{dirs.leaf(k)} flips (c→w / w→c)")
+    n_extra = {k: (k in timed) + (k in flipped) for k in keys}
+    cells = {(r, k): (d, sp, imp, cw, wc) for r, k, d, sp, imp, cw, wc in zip(
+        dg["run_id"], dg["key"], dg["delta"], dg["speedup"], dg["improved"],
+        dg["correct_to_wrong"], dg["wrong_to_correct"], strict=True)}
     all_runs = list(dict.fromkeys(dg["run_id"]))
     run_order = all_runs[:max_rows]
     names = dict(zip(dg["run_id"], dg["run"], strict=True))
@@ -286,9 +304,9 @@ def _delta_blocks(result, bench, keys, dg: pd.DataFrame, lists, max_rows: int, d
         for k in keys:
             hit = cells.get((rid, k))
             if hit is None:
-                row += [cell(NA)] * (2 if k in timed else 1)
+                row += [cell(NA)] * (1 + n_extra[k])
                 continue
-            delta, sp, imp = hit
+            delta, sp, imp, cw, wc = hit
             row.append(Cell(fmt(delta, dec.get(k, 4), sign=True),
                             {True: "good", False: "bad"}.get(as_bool(imp))))
             if k in timed:
@@ -297,6 +315,8 @@ def _delta_blocks(result, bench, keys, dg: pd.DataFrame, lists, max_rows: int, d
                 if pd.notna(sp) and txt != "1.00x":
                     tone = "good" if sp > 1 else "bad"
                 row.append(Cell(txt, tone))
+            if k in flipped:
+                row.append(cell(flips_text(cw, wc)))
         rows.append(row)
     n_left = 1 + per_family
     out.append(Table(cols, rows, ["l"] * n_left + ["r"] * (len(cols) - n_left)))
@@ -323,9 +343,14 @@ def method_notes(result) -> list[str]:
     t = result.tables
     if "ranking" not in t or not len(t["ranking"]):
         return []
+    delta = t.get("ranking_delta")
+    flips = delta is not None and bool(delta["correct_to_wrong"].notna().any())
     return ["Ranking: 🥇🥈🥉 best three per column, 🔻 worst (when more than three "
             "runs); ↑ higher is better, ↓ lower is better; speedup = baseline / run "
-            "for time-like metrics."]
+            "for time-like metrics."
+            + (" Flips: documents right for the baseline and wrong for the run (c→w) and the "
+               "reverse (w→c), on the documents both scored (per-document results; "
+               "ranking_delta.csv has the paired tests' p-values)." if flips else "")]
 
 
 # ----------------------------------------------------------------------------- plots
@@ -359,4 +384,4 @@ def plots(result) -> dict[str, bytes]:
 
 
 VIEW = View("ranking", compute=compute, blocks=blocks, method_notes=method_notes, plots=plots,
-            uses_code_problems=True)
+            uses_code_problems=True, uses_documents=True)

@@ -2,7 +2,9 @@
 mean accuracy before → after and the change, then per task before → after; its Markdown/HTML
 blocks and the per-task change bars (drawn when no versus view has a chart of its own).
 
-Where "before" comes from: see ``mlproject.compare.tables``.
+Where "before" comes from: see ``mlproject.compare.tables``. With a baseline, each per-task row
+also counts the run's flips against it on the paired per-document results (``tables.paired``:
+correct → wrong, wrong → correct, the McNemar p-value), where both runs have them.
 """
 
 from __future__ import annotations
@@ -15,11 +17,15 @@ from mlproject.compare.directions import HIGHER, LOWER
 from mlproject.compare.render import figures
 from mlproject.compare.render.blocks import (
     Heading, Para, Table, cell, flag, fmt, good, text_or_na, tone_cell)
+from mlproject.compare.directions import Directions
+from mlproject.compare.tables.baseline import Baseline, baseline_values
 from mlproject.compare.tables.deltas import pct_change
 from mlproject.compare.tables.frames import map_once, nonempty, run_labels
 from mlproject.compare.tables.lineage import Lineage, families
+from mlproject.compare.tables.paired import no_pairs, paired_tests
 from mlproject.compare.tables.scores import Scores, mean_accuracy
 from mlproject.compare.views import DeltaBars, View
+from mlproject.compare.views.versus import flips_text
 
 #: Roles the steps give by default (and "before"-like ones): a run with one of these that
 #: supplies another run's "before" values is shown as that run's before, not as a row.
@@ -86,6 +92,35 @@ def summary(runs: pd.DataFrame, metrics: pd.DataFrame, scores: Scores,
     return table.reset_index(drop=True), per_task.reset_index(drop=True)
 
 
+#: the per-task columns added against a baseline (``flips_vs_baseline``)
+FLIP_COLUMNS = ["n_pairs", "correct_to_wrong", "wrong_to_correct", "flip_rate", "p_value", "test"]
+
+
+def flips_vs_baseline(per_task: pd.DataFrame, metrics: pd.DataFrame, scores: Scores,
+                      base: Baseline, d: Directions,
+                      documents: pd.DataFrame | None) -> pd.DataFrame:
+    """``per_task`` with ``FLIP_COLUMNS``: each (run, task) against the baseline's run for it on
+    the task's headline metric; NA where either lacks per-document results, and on the
+    baseline's own rows."""
+    out = per_task.copy()
+    if documents is None or not len(documents):
+        paired = no_pairs(per_task.index)
+        for col in FLIP_COLUMNS:
+            out[col] = paired[col]
+        return out
+    keys = pd.Series(None, index=per_task.index, dtype=object)
+    for task, idx in per_task.groupby("task", sort=False).groups.items():
+        keys[idx] = scores.keys.loc[per_task.loc[idx, "run_id"], task].to_numpy(dtype=object)
+    _, _, bids = baseline_values(base, metrics,
+                                 pd.Series(keys.to_numpy(), index=per_task["run_id"].to_numpy()), d)
+    pairs = pd.DataFrame({"candidate_id": per_task["run_id"], "baseline_id": bids, "key": keys},
+                         index=per_task.index)
+    paired = paired_tests(documents, pairs)
+    for col in FLIP_COLUMNS:
+        out[col] = paired[col]
+    return out
+
+
 def _sort_rows(table: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     role = table["role"].astype(str)
     key = pd.DataFrame({
@@ -100,6 +135,9 @@ def _sort_rows(table: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
 
 def compute(inp) -> dict[str, pd.DataFrame]:
     summ, per_task = summary(inp.runs, inp.metrics, inp.scores, inp.lineage)
+    if inp.base is not None:
+        per_task = flips_vs_baseline(per_task, inp.metrics, inp.scores, inp.base, inp.directions,
+                                     inp.runset.documents)
     before_cols = [c for c in summ.columns if "before" in c]
     has_before = summ[before_cols].notna().any().any() or per_task["before"].notna().any()
     if has_before or inp.alone("summary"):
@@ -155,16 +193,20 @@ def blocks(result, max_rows: int) -> list:
             metric = g["metric"].dropna()
             metric = metric.mode().iloc[0] if len(metric) else ""
             out.append(Heading(3, f"{task} ({metric})" if metric else task))
+            flips = "correct_to_wrong" in g and bool(g["correct_to_wrong"].notna().any())
             cols = (["Family"] if fam else []) + ["Role"] + (["Run"] if dup else []) + \
-                ["Before", "After", "Change"]
+                ["Before", "After", "Change"] + \
+                (["Flips vs baseline (c→w / w→c)"] if flips else [])
             rows = []
             for _, r in g.head(max_rows).iterrows():
                 rows.append(([cell(text_or_na(r["family"]))] if fam else [])
                             + [cell(text_or_na(r["role"]) + flag(result, r["run_id"]))]
                             + ([cell(r["run"])] if dup else [])
                             + [cell(fmt(r["before"], 4)), cell(fmt(r["after"], 4)),
-                               tone_cell(fmt(r["change"], 4, sign=True), good(r["change"], HIGHER))])
-            out.append(Table(cols, rows, ["l"] * n_left + ["r"] * 3))
+                               tone_cell(fmt(r["change"], 4, sign=True), good(r["change"], HIGHER))]
+                            + ([cell(flips_text(r["correct_to_wrong"], r["wrong_to_correct"]))]
+                               if flips else []))
+            out.append(Table(cols, rows, ["l"] * n_left + ["r"] * (3 + flips)))
     return out
 
 
@@ -175,7 +217,13 @@ def method_notes(result) -> list[str]:
     return ["Summary: \"before\" is the run's `before/<metric>` value, else its "
             "upstream run's (tag `mlproject.upstream_run`), else the evaluation of "
             "the same upstream model; change % = (after − before) / before × 100 "
-            "from unrounded values; per-task change = after − before.",
+            "from unrounded values; per-task change = after − before."
+            + (f" Flips vs baseline ({result.baseline.label}): documents right for the "
+               "baseline and wrong for the run (c→w) and the reverse (w→c), on the documents "
+               "both scored (per-document results; summary_tasks.csv has the paired tests' "
+               "p-values)."
+               if "correct_to_wrong" in t["summary_tasks"]
+               and t["summary_tasks"]["correct_to_wrong"].notna().any() else ""),
             "Mean acc is the logged `avg_acc` (each task counted once with the "
             "metric recorded in `mlproject.avg_acc_metrics`), else the mean of the "
             "task scores shown."]
@@ -219,4 +267,4 @@ def delta_bars(result):
 
 # versus's chart (against a chosen baseline) outranks this one (against each run's own before)
 VIEW = View("summary", compute=compute, blocks=blocks, method_notes=method_notes,
-            delta_bars=DeltaBars(rank=1, applies=_has_changes, draw=delta_bars))
+            delta_bars=DeltaBars(rank=1, applies=_has_changes, draw=delta_bars), uses_documents=True)
