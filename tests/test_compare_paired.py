@@ -400,3 +400,10 @@ def test_fetch_documents_from_a_real_server(mlflow_uri, tmp_path, monkeypatch):
     assert capped.runset.documents is None
     assert set(capped.tables["versus"]["test"].dropna()) == {STDERR}
     assert any("per-document results not fetched: 3 runs" in n for n in capped.notes)
+
+
+def test_ranking_medals_kl_but_shows_no_baseline_section_for_it():
+    md = compute(_kl_runs(), spec(view="ranking", baseline="name:base")).markdown()
+    assert "### kl\n" in md and "### top1_agree\n" in md  # closest to the reference wins
+    assert "### kl vs baseline" not in md and "### top1_agree vs baseline" not in md
+    assert "### ppl vs baseline" in md

@@ -258,7 +258,10 @@ def blocks(result, max_rows: int) -> list:
         if n_runs > len(run_order):
             out.append(Para(f"… {n_runs - len(run_order)} more runs in ranking.csv "
                             "(shown: best ranks)"))
-        if delta is not None and base is not None:
+        # KL and top-1 agreement are measured against a reference (the base, usually): the
+        # baseline has none of its own, so no "vs baseline" section for them
+        reference_only = all(str(k).startswith(dirs.REFERENCE_FAMILIES) for k in keys)
+        if delta is not None and base is not None and not reference_only:
             out += _delta_blocks(result, bench, keys, delta[delta["benchmark"] == bench],
                                  lists, max_rows, dec)
     if lists is not None and len(lists):
