@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from mlproject.errors import UserError
+from mlproject.evaluation import documents as doc_table
 from mlproject.tracking import names
 
 log = logging.getLogger(__name__)
@@ -703,6 +704,22 @@ def code_tasks_of(metrics: pd.DataFrame) -> list[str]:
                    if c.endswith("/timed") and not c.startswith(("before/", "delta/"))})
 
 
+class _quiet_downloads:
+    """MLflow draws a progress bar per download; one per tiny artifact would flood the terminal."""
+
+    _ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+
+    def __enter__(self):
+        self._before = os.environ.get(self._ENV)
+        os.environ[self._ENV] = "false"
+
+    def __exit__(self, *exc):
+        if self._before is None:
+            os.environ.pop(self._ENV, None)
+        else:
+            os.environ[self._ENV] = self._before
+
+
 def fetch_code_problems(client_or_uri, runset: RunSet, parallel: int = DEFAULT_PARALLEL) -> int:
     """Download the per-problem artifacts of every in-scope code run into ``runset.problems``.
 
@@ -739,19 +756,9 @@ def fetch_code_problems(client_or_uri, runset: RunSet, parallel: int = DEFAULT_P
 
     rows = []
     if jobs:
-        # one progress bar per tiny download would flood the terminal
-        bar_env = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-        before = os.environ.get(bar_env)
-        os.environ[bar_env] = "false"
-        try:
-            with ThreadPoolExecutor(max(1, min(parallel, len(jobs)))) as pool:
-                for part in pool.map(get, jobs):
-                    rows.extend(part)
-        finally:
-            if before is None:
-                os.environ.pop(bar_env, None)
-            else:
-                os.environ[bar_env] = before
+        with _quiet_downloads(), ThreadPoolExecutor(max(1, min(parallel, len(jobs)))) as pool:
+            for part in pool.map(get, jobs):
+                rows.extend(part)
     runset.problems = pd.DataFrame(rows, columns=PROBLEM_COLUMNS).astype(
         {"time_s": "float64", "ref_time_s": "float64", "time_ratio": "float64"})
     runset.requests += len(jobs)
@@ -759,10 +766,10 @@ def fetch_code_problems(client_or_uri, runset: RunSet, parallel: int = DEFAULT_P
 
 
 #: Artifact every evaluation logs its per-document results to (``evaluation.documents``).
-DOCUMENTS_ARTIFACT = "eval/documents.parquet"
+DOCUMENTS_ARTIFACT = doc_table.DOCUMENTS_ARTIFACT
 #: ``RunSet.documents``: the artifact's columns (task, group, doc_id, doc_hash, metric, value;
 #: see ``compare.tables.paired``) after the run's id
-DOCUMENT_COLUMNS = ["run_id", "task", "group", "doc_id", "doc_hash", "metric", "value"]
+DOCUMENT_COLUMNS = ["run_id", *doc_table.COLUMNS]
 
 
 def fetch_documents(client_or_uri, runset: RunSet, run_ids: Iterable[str],
@@ -805,19 +812,3 @@ def fetch_documents(client_or_uri, runset: RunSet, run_ids: Iterable[str],
                                       for c in DOCUMENT_COLUMNS}))
     runset.requests += len(jobs)
     return len(jobs)
-
-
-class _quiet_downloads:
-    """MLflow draws a progress bar per download; one per tiny artifact would flood the terminal."""
-
-    _ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
-
-    def __enter__(self):
-        self._before = os.environ.get(self._ENV)
-        os.environ[self._ENV] = "false"
-
-    def __exit__(self, *exc):
-        if self._before is None:
-            os.environ.pop(self._ENV, None)
-        else:
-            os.environ[self._ENV] = self._before

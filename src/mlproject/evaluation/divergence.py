@@ -122,12 +122,17 @@ class TopK:
         """Bytes of the stored tensors (``8·k + 4`` per scored token)."""
         return sum(t.numel() * t.element_size() for t in (self.indices, self.logprobs, self.tail_logmass))
 
-    def save(self, path: str | Path) -> None:
-        """Write one safetensors file; ``meta`` (plus ``format``) goes into its metadata."""
-        from safetensors.torch import save_file
+    def to_bytes(self) -> bytes:
+        """The safetensors file as bytes (what a run logs as its artifact); ``meta`` (plus
+        ``format``) goes into its metadata."""
+        from safetensors.torch import save
 
         tensors = {name: getattr(self, name).detach().cpu().contiguous() for name in _TENSORS}
-        save_file(tensors, str(path), metadata={**self.meta, "format": FORMAT})
+        return save(tensors, metadata={**self.meta, "format": FORMAT})
+
+    def save(self, path: str | Path) -> None:
+        """Write the file `to_bytes` makes."""
+        Path(path).write_bytes(self.to_bytes())
 
     @classmethod
     def load(cls, path: str | Path) -> TopK:

@@ -213,8 +213,9 @@ def measure(loaded, plan: EvalPlan, on_metrics: Callable[[dict[str, float]], Non
         out.ppl_rows = [{"window": i, "text": t} for i, t in enumerate(tok.batch_decode(scored))]
         ppl_metrics = {f"ppl/{res.dataset}": res.ppl, f"nll/{res.dataset}": res.nll}
         if out.kl:
-            ppl_metrics.update(kl_metrics(res.dataset, out.kl))
-            out.metrics.update(kl_metrics(res.dataset, out.kl))
+            kl = kl_metrics(res.dataset, out.kl)
+            ppl_metrics.update(kl)
+            out.metrics.update(kl)
         on_metrics(ppl_metrics)
     if plan.tasks:
         hr = harness.run_tasks(
@@ -229,8 +230,7 @@ def measure(loaded, plan: EvalPlan, on_metrics: Callable[[dict[str, float]], Non
         out.metrics.update(hr.metrics)
         if hr.avg_acc is not None:
             out.metrics["avg_acc"] = hr.avg_acc
-        on_metrics({k: v for k, v in out.metrics.items()
-                    if not k.startswith(("ppl/", "nll/", "kl/", "kl_median/", "kl_p99/", "top1_agree/"))})
+        on_metrics({k: v for k, v in out.metrics.items() if not k.startswith(PPL_FAMILIES)})
     out.seconds = time.perf_counter() - start - stalled
     out.metrics["eval_seconds"] = out.seconds
     on_metrics({"eval_seconds": out.seconds})
@@ -249,10 +249,15 @@ def windows_meta(dataset: str, windows, k: int) -> dict[str, str]:
             "tokens_sha256": digest[:16], "k": str(k)}
 
 
+#: the logged KL metric families (tracking.names) ← the divergence summary's keys
+KL_FAMILIES = {"kl/": "kl_mean", "kl_median/": "kl_median", "kl_p99/": "kl_p99", "top1_agree/": "top1_agree"}
+#: the metric families of the PPL pass, logged as soon as it ends (and not again after the tasks)
+PPL_FAMILIES = ("ppl/", "nll/", *KL_FAMILIES)
+
+
 def kl_metrics(dataset: str, kl: dict[str, float]) -> dict[str, float]:
-    """The logged KL metrics (tracking.names: ``kl/``, ``kl_median/``, ``kl_p99/``, ``top1_agree/``)."""
-    return {f"kl/{dataset}": kl["kl_mean"], f"kl_median/{dataset}": kl["kl_median"],
-            f"kl_p99/{dataset}": kl["kl_p99"], f"top1_agree/{dataset}": kl["top1_agree"]}
+    """The logged KL metrics: ``kl/<dataset>`` (mean), ``kl_median/``, ``kl_p99/``, ``top1_agree/``."""
+    return {f"{family}{dataset}": kl[key] for family, key in KL_FAMILIES.items()}
 
 
 class _KLHooks:

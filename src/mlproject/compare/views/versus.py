@@ -325,6 +325,16 @@ def _has_rows(result) -> bool:
     return "versus" in t and bool(len(t["versus"]))
 
 
+def _candidate_panels(rows: pd.DataFrame, extra_height: float):
+    """One panel per candidate (the first ``MAX_PLOT_PANELS``), side by side, tall enough for the
+    most tasks any has: (figure, [(axes, that candidate's rows, first task at the top)])."""
+    cands = list(dict.fromkeys(rows["candidate_id"]))[:MAX_PLOT_PANELS]
+    n_tasks = rows.groupby("candidate_id")["task"].nunique().max()
+    fig = figures.figure(4.5 * len(cands), max(2.5, 0.35 * n_tasks + extra_height))
+    axes = fig.subplots(1, len(cands), squeeze=False)[0]
+    return fig, [(ax, rows[rows["candidate_id"] == cid].iloc[::-1]) for ax, cid in zip(axes, cands, strict=True)]
+
+
 def delta_bars(result):
     """Per task: candidate − baseline, one panel per candidate (the first few)."""
     vs = result.tables["versus"]
@@ -333,12 +343,8 @@ def delta_bars(result):
         tasks = vs[vs["delta"].notna()]
     if tasks.empty:
         return None
-    cands = list(dict.fromkeys(tasks["candidate_id"]))[:MAX_PLOT_PANELS]
-    n_tasks = tasks.groupby("candidate_id")["task"].nunique().max()
-    fig = figures.figure(4.5 * len(cands), max(2.5, 0.35 * n_tasks + 1.2))
-    axes = fig.subplots(1, len(cands), squeeze=False)[0]
-    for ax, cid in zip(axes, cands, strict=True):
-        g = tasks[tasks["candidate_id"] == cid].iloc[::-1]
+    fig, panels = _candidate_panels(tasks, extra_height=1.2)
+    for ax, g in panels:
         colors = [figures.GREEN if as_bool(i) else figures.RED if as_bool(i) is False else figures.GREY
                   for i in g["improved"]]
         alphas = [0.45 if as_bool(s) is False else 1.0 for s in g["significant"]]
@@ -366,12 +372,8 @@ def flips_chart(result):
     rows = vs[~vs["task"].isin(NOT_TASKS) & vs["correct_to_wrong"].notna()]
     if rows.empty:
         return None
-    cands = list(dict.fromkeys(rows["candidate_id"]))[:MAX_PLOT_PANELS]
-    n_tasks = rows.groupby("candidate_id")["task"].nunique().max()
-    fig = figures.figure(4.5 * len(cands), max(2.5, 0.35 * n_tasks + 1.4))
-    axes = fig.subplots(1, len(cands), squeeze=False)[0]
-    for ax, cid in zip(axes, cands, strict=True):
-        g = rows[rows["candidate_id"] == cid].iloc[::-1]
+    fig, panels = _candidate_panels(rows, extra_height=1.4)
+    for ax, g in panels:
         lost = g["correct_to_wrong"].to_numpy(dtype="float64")
         won = g["wrong_to_correct"].to_numpy(dtype="float64")
         ax.barh(g["task"], -lost, color=figures.RED, label="correct → wrong")
@@ -387,7 +389,7 @@ def flips_chart(result):
         ax.axvline(0, color=figures.AXIS, lw=0.8)
         ax.set_xlabel("documents")
         ax.set_title(f"{g['candidate'].iloc[0]}\nvs {g['baseline'].iloc[0]}", fontsize=9)
-    handles, labels = axes[0].get_legend_handles_labels()
+    handles, labels = panels[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8)
     fig.suptitle("Flips per task vs baseline (paired documents)", fontsize=10)
     return fig

@@ -118,7 +118,6 @@ def check_eval_fits(ref: ModelRef, plan: Any, pending: frozenset[str] = frozense
     without weights: ``config`` when the caller has it); refuses in one line otherwise.
     Unknown until the weights load (an upstream step's model, an unconverted GGUF): no check."""
     from mlproject.evaluation import context
-    from mlproject.evaluation.tasks import BUNDLED_TASKS
     from mlproject.models import loading
 
     check_reference(plan, pending)

@@ -50,7 +50,7 @@ def evaluate_loaded(loaded: loading.LoadedModel, plan: EvalPlan, run: tracking.R
         run.log_dict(out.harness.raw, f"lm_eval/{prefix.strip('/') or 'results'}{'_results' if prefix else ''}.json")
         import json
 
-        run.set_tags({f"{names.TAG_PREFIX}{prefix.replace('/', '.')}avg_acc_metrics": json.dumps(out.harness.avg_metrics)})
+        run.set_tags({prefixed_tag(names.AVG_ACC_METRICS_TAG, prefix): json.dumps(out.harness.avg_metrics)})
         if out.harness.code is not None:  # per-problem results: compare reads them back
             for task, res in out.harness.code.results.items():
                 run.log_dict(res.artifact(plan.code), f"code/{prefix}{task}.json")
@@ -68,16 +68,16 @@ def topk_key(identity: str, meta: dict[str, str]) -> str:
 
 
 def _store_topk(run: tracking.Run, topk, identity: str) -> None:
-    import tempfile
-    from pathlib import Path
-
     key = topk_key(identity, topk.meta)
     topk.meta = {**topk.meta, "model": identity, "key": key}
-    with tempfile.TemporaryDirectory(prefix="mlproject-topk-") as tmp:
-        path = Path(tmp) / Path(TOPK_ARTIFACT).name
-        topk.save(path)
-        run.log_bytes(path.read_bytes(), TOPK_ARTIFACT)
+    run.log_bytes(topk.to_bytes(), TOPK_ARTIFACT)
     run.set_tags({names.TOPK_KEY_TAG: key})
+
+
+def prefixed_tag(tag: str, prefix: str) -> str:
+    """``mlproject.<x>`` of an evaluation logged under a metric prefix: ``before/`` →
+    ``mlproject.before.<x>`` (finetune's input model)."""
+    return names.TAG_PREFIX + prefix.replace("/", ".") + tag[len(names.TAG_PREFIX):]
 
 
 #: distributions this process computed for an explicit reference, by key: finetune's before/ and
@@ -140,7 +140,7 @@ class Reference:
         if self.computed is not None and not self.stored:
             _store_topk(self.run, self.computed, identity=self.identity)
             self.stored = True
-        tag = names.TAG_PREFIX + prefix.replace("/", ".") + names.KL_REFERENCE_TAG[len(names.TAG_PREFIX):]
+        tag = prefixed_tag(names.KL_REFERENCE_TAG, prefix)
         if out.kl is not None:
             label = f"{self.identity} (run {self.source})"
             self.run.set_tags({tag: label})
