@@ -23,11 +23,11 @@ minutes at 10,000 runs, but only public API). Creating 10,000 runs through the R
 is slower still (~3 requests × 15–50 ms per run here).
 
 Backends (``--backend``, one or both): ``sqlite`` (a file in /dev/shm) or ``postgresql``: a
-throw-away PostgreSQL cluster (``initdb`` + ``pg_ctl`` as the ``postgres`` user when run as
-root, a free port, a temporary folder; fsync off, which only speeds the filling: the timed
-part only reads), stopped and removed whatever happens (exceptions, Ctrl-C, SIGTERM). The MLflow
-server needs a PostgreSQL driver: ``pip install psycopg2-binary``. Server CPU seconds then
-include the PostgreSQL processes.
+throw-away PostgreSQL cluster (``tests/services.py``'s ``postgres_cluster``: ``initdb`` +
+``pg_ctl`` as the ``postgres`` user when run as root, a free port, a temporary folder; fsync
+off, which only speeds the filling: the timed part only reads), stopped and removed whatever
+happens (exceptions, Ctrl-C, SIGTERM). The MLflow server needs a PostgreSQL driver: ``pip
+install psycopg2-binary``. Server CPU seconds then include the PostgreSQL processes.
 
 The local run table (``mlproject.compare.cache``), per backend, after the ``--configs`` rows
 (which run with ``cache=off``): a cold compare (``cache=refresh``: everything fetched, the table
@@ -47,7 +47,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -198,78 +197,26 @@ def children_cpu(extra_root: int | None = None) -> float:
     return total
 
 
-def _pg_tool(name: str) -> str:
-    found = shutil.which(name)
-    if found:
-        return found
-    for cand in sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), reverse=True):
-        return str(cand)
-    raise SystemExit(f"{name} not found: install PostgreSQL (its server binaries) for --backend postgresql")
-
-
-@contextlib.contextmanager
-def postgres_cluster(parent: Path | None = None):
-    """A throw-away PostgreSQL cluster: yields ``(sqlalchemy URI, postmaster pid)``.
-
-    initdb and pg_ctl refuse to run as root: as root they run as the ``postgres`` user
-    (``runuser``). The cluster lives in a temporary folder of its own (under ``parent``, which
-    the ``postgres`` user must be able to enter; default /dev/shm, else /tmp) and listens on a
-    free localhost port; leaving the block stops it (``-m immediate``) and removes the folder,
-    whatever ended the block."""
-    import pwd
-
-    from mlflow_server import free_port
-
-    try:
-        import psycopg2  # noqa: F401 - the MLflow server needs it too
-    except ImportError:
-        raise SystemExit("--backend postgresql needs a driver: pip install psycopg2-binary") from None
-    initdb, pg_ctl, createdb = (_pg_tool(t) for t in ("initdb", "pg_ctl", "createdb"))
-    pg = pwd.getpwnam("postgres") if os.geteuid() == 0 else None
-    if parent is None and os.path.isdir("/dev/shm"):
-        parent = Path("/dev/shm")
-    root = Path(tempfile.mkdtemp(prefix="compare-scale-pg-", dir=parent))
-    if pg:
-        os.chown(root, pg.pw_uid, pg.pw_gid)
-    data, port = root / "data", free_port()
-
-    def run(cmd):
-        cmd = [str(c) for c in cmd]
-        if pg:
-            cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=root)
-        if out.returncode:
-            raise RuntimeError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout}{out.stderr}")
-
-    started = False
-    try:
-        run([initdb, "-D", data, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync"])
-        opts = (f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off "
-                "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
-        started = True
-        run([pg_ctl, "-D", data, "-l", root / "postgres.log", "-o", opts, "-w", "-t", "60", "start"])
-        run([createdb, "-h", "127.0.0.1", "-p", port, "-U", "postgres", "mlflow"])
-        pid = int((data / "postmaster.pid").read_text().split()[0])
-        # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; the driver asked for is psycopg2
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/mlflow", pid
-    finally:
-        if started:
-            with contextlib.suppress(Exception):
-                run([pg_ctl, "-D", data, "-m", "immediate", "-w", "-t", "30", "stop"])
-        shutil.rmtree(root, ignore_errors=True)
-
-
 @contextlib.contextmanager
 def backend_store(backend: str, base: Path):
-    """``(backend store URI, pid of a database server to count CPU of, or None)``."""
+    """``(backend store URI, pid of a database server to count CPU of, or None)``.
+
+    ``postgresql``: a throw-away cluster from ``tests/services.py`` (``postgres_cluster``: as
+    root, initdb and pg_ctl run as the ``postgres`` user; a free localhost port, a folder in
+    /dev/shm; stopped and removed whatever ended the block)."""
     if backend == "sqlite":
         db = base / "mlflow.db"
         if db.exists():
             db.unlink()
         yield f"sqlite:///{db}", None
     else:
-        with postgres_cluster() as (uri, pid):
-            yield uri, pid
+        from services import have_postgres, postgres_cluster
+
+        why = have_postgres()
+        if why:
+            raise SystemExit(f"--backend postgresql: {why}")
+        with postgres_cluster(("mlflow",)) as pg:
+            yield pg.uri("mlflow"), pg.pid
 
 
 def add_runs(uri: str, n: int, seed: int = 1) -> None:
