@@ -3,6 +3,7 @@
     mlproject runs sync                       # send every spool left by a lost tracking server
     mlproject runs sync ~/.cache/mlproject/spool/<run_id> --tracking-uri http://host:5000
     mlproject runs reap --experiment demo     # RUNNING runs whose process is gone -> FAILED
+                                              # (and those `mlflow run` left when it could not build the environment)
     mlproject runs reap --dry-run             # only say what would be failed, and why
 
 Neither opens a run of its own. Bad input (unknown experiment, unreachable server, a spool
@@ -31,7 +32,8 @@ def add_parser(sub) -> None:
     r.add_argument("--experiment", default="", help="comma-separated experiment names or ids (default: all)")
     r.add_argument("--stale-seconds", type=float, default=None,
                    help="a run on another host is dead after this long without a heartbeat "
-                        "(default: 10 x $MLPROJECT_HEARTBEAT_SECONDS, at least 600)")
+                        "(default: 10 x $MLPROJECT_HEARTBEAT_SECONDS, at least 600), and a run `mlflow run` "
+                        "created, in which no step started, after this long (default: 3600)")
     r.add_argument("--dry-run", action="store_true", help="only list what would be failed")
     r.add_argument("--tracking-uri", default="", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
 
@@ -45,7 +47,7 @@ def main(args: argparse.Namespace) -> int:
             return _sync(args, tracking)
         tracking.check_server(args.tracking_uri or None)
         names = [e.strip() for e in args.experiment.split(",") if e.strip()]
-        rows = tracking.reap_runs(names or None, args.stale_seconds, args.dry_run)
+        rows = tracking.reap_runs(names or None, args.stale_seconds, args.dry_run, entry_points=_entry_points())
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -54,6 +56,18 @@ def main(args: argparse.Namespace) -> int:
     failed = sum(r["action"] != "kept" for r in rows)
     print(f"{len(rows)} RUNNING run(s) looked at, {failed} {'would be ' if args.dry_run else ''}marked FAILED")
     return 0
+
+
+def _entry_points() -> dict[str, list[str]]:
+    """MLproject's entry points and the parameters each declares (what `mlflow run` logs on the
+    run it creates; scripts/write_mlproject.py writes MLproject from the same fields)."""
+    import dataclasses
+
+    from mlproject.steps import COMMANDS, STEPS
+
+    return {info.entry_point or name: [f.name for f in dataclasses.fields(info.config_class())
+                                       if not f.metadata.get("cli_only")]
+            for name, info in [*STEPS.items(), *COMMANDS.items()]}
 
 
 def _sync(args, tracking) -> int:

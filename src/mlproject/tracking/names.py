@@ -34,6 +34,12 @@ SOURCE_NAME_TAG = "mlflow.source.name"
 VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 #: datasets: the dataset input tag saying what a dataset was for (evaluation, training, calibration).
 DATASET_CONTEXT_TAG = "mlflow.data.context"
+#: MLflow, ``mlflow run``: the entry point it created the run for (reap: a run no step started in).
+PROJECT_ENTRY_POINT_TAG = "mlflow.project.entryPoint"
+#: MLflow, ``mlflow run``: the env manager (conda, virtualenv, uv …), tagged before it builds the environment.
+PROJECT_ENV_TAG = "mlflow.project.env"
+#: MLflow, ``mlflow run``: the backend, tagged only once the environment is built and the command started.
+PROJECT_BACKEND_TAG = "mlflow.project.backend"
 
 # -- a step run's life (lifecycle, heartbeat, repair) -------------------------------------------
 #: lifecycle, record_reuse, record_refusal: the step the run stands for (evaluate, prune, pipeline …);

@@ -13,14 +13,15 @@ import shutil
 import socket
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 from mlproject.errors import UserError
 from mlproject.redaction import clean_mapping, redact
 from mlproject.tracking.heartbeat import heartbeat_seconds
 from mlproject.tracking.link import _fail_fast, _http_defaults
 from mlproject.tracking.names import (ERROR_TAG, HEARTBEAT_TAG, HOST_TAG, NOTE_TAG, PARENT_RUN_TAG, PID_TAG,
-                                      REAPED_TAG, RUN_NAME_TAG, RUNS_CHANGED_TAG, STEP_TAG)
+                                      PROJECT_BACKEND_TAG, PROJECT_ENTRY_POINT_TAG, PROJECT_ENV_TAG, REAPED_TAG,
+                                      RUN_NAME_TAG, RUNS_CHANGED_TAG, STEP_TAG)
 from mlproject.tracking.run import _MAX_TAG_LEN, resolve_params, send_metrics
 from mlproject.tracking.server import _first_line, check_server
 from mlproject.tracking.spool import Spool
@@ -112,23 +113,37 @@ def sync_spool(path: str | Path, tracking_uri_: str | None = None) -> dict:
     return counts
 
 
+# How long `mlflow run` may build an environment (conda solving, CUDA torch downloading) before reap
+# calls a run it created for one of our entry points, in which no step ever started, dead.
+UNSTARTED_SECONDS = 3600.0
+# the env managers whose environment MLflow's local backend builds before it starts the command
+_BUILT_ENVS = ("conda", "virtualenv", "uv")
+
+
 def reap_runs(experiments: list[str] | None = None, stale_seconds: float | None = None,
-              dry_run: bool = False) -> list[dict]:
+              dry_run: bool = False, entry_points: Mapping[str, Collection[str]] | None = None) -> list[dict]:
     """RUNNING runs whose process is gone → FAILED, each with the reason it was decided on.
 
     A run started by mlproject carries ``mlproject.host``, ``mlproject.pid`` and a heartbeat
     its process refreshes every ``MLPROJECT_HEARTBEAT_SECONDS`` (60). On this host the pid
     decides (gone, or reused by a process that started after the run: dead). On another host
     the heartbeat does: older than ``stale_seconds`` (default 10 heartbeats, at least 10
-    minutes) is dead. Runs without a heartbeat tag (not started by mlproject) are left alone.
-    The reason goes to ``mlproject.reaped`` and ``mlproject.error``; the end time is the last
-    heartbeat. Returns one dict per RUNNING run looked at: run_id, name, action, reason.
+    minutes) is dead. Runs without a heartbeat tag (not started by mlproject) are left alone,
+    but for one kind: ``mlflow run`` creates its run before it builds the environment, and when
+    the build fails (no conda executable, a failed install) it exits and leaves that run RUNNING
+    with no process at all. A run with the env tag of a built environment (conda, virtualenv, uv),
+    no backend tag (MLflow tags it once the command started), no step tag, for one of
+    ``entry_points`` (name → the parameters it declares, every one logged) is dead when older than
+    ``stale_seconds`` (default ``UNSTARTED_SECONDS``). The reason goes to ``mlproject.reaped`` and
+    ``mlproject.error``; the end time is the last heartbeat (the start, for a run never started).
+    Returns one dict per RUNNING run looked at: run_id, name, action, reason.
     """
     from mlflow.entities import RunTag, ViewType
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
     stale = stale_seconds if stale_seconds is not None else max(600.0, 10 * heartbeat_seconds())
+    unstarted = stale_seconds if stale_seconds is not None else UNSTARTED_SECONDS
     if experiments:
         from mlflow.exceptions import MlflowException
 
@@ -155,7 +170,9 @@ def reap_runs(experiments: list[str] | None = None, stale_seconds: float | None 
             page = client.search_runs(exp_ids[i:i + 100], "attributes.status = 'RUNNING'", max_results=1000,
                                       page_token=token)
             for run in page:
-                out.append(_reap_one(client, run, here, now, stale, dry_run, RunTag))
+                out.append(_reap_one(client, run, here, now, stale, dry_run, RunTag)
+                           if run.data.tags.get(HEARTBEAT_TAG) or not entry_points else
+                           _reap_unstarted(client, run, now, unstarted, dry_run, RunTag, entry_points))
             token = page.token
             if not token:
                 break
@@ -187,6 +204,33 @@ def _reap_one(client, run, here: str, now: float, stale: float, dry_run: bool, R
         client.log_batch(run.info.run_id, tags=[RunTag(REAPED_TAG, reason), RunTag(ERROR_TAG, f"reaped: {reason}")],
                          synchronous=True)
         client.set_terminated(run.info.run_id, "FAILED", end_time=int(beat_s * 1000))
+    return item
+
+
+def _reap_unstarted(client, run, now: float, limit: float, dry_run: bool, RunTag,  # noqa: N803
+                    entry_points: Mapping[str, Collection[str]]) -> dict:
+    """A RUNNING run without a heartbeat: failed only if ``mlflow run`` made it for one of our
+    entry points and never got its command started (reap_runs says how that is told)."""
+    tags = run.data.tags
+    item = {"run_id": run.info.run_id, "name": run.info.run_name, "action": "kept",
+            "reason": "no heartbeat tag (not started by mlproject): left alone"}
+    env, entry_point = tags.get(PROJECT_ENV_TAG), tags.get(PROJECT_ENTRY_POINT_TAG)
+    if (env not in _BUILT_ENVS or PROJECT_BACKEND_TAG in tags or STEP_TAG in tags
+            or entry_point not in entry_points or not set(entry_points[entry_point]) <= set(run.data.params)):
+        return item
+    age = now - run.info.start_time / 1000.0
+    if age <= limit:
+        item["reason"] = (f"created by `mlflow run` {age:.0f} s ago, its {env} environment may still be "
+                          f"building (limit {limit:.0f} s)")
+        return item
+    hint = " (no conda executable? --env-manager uv or local need none)" if env == "conda" else ""
+    reason = (f"created by `mlflow run --env-manager {env}` {age:.0f} s ago and no step ever started in it: "
+              f"MLflow could not build its environment{hint}")
+    item.update(action="would fail" if dry_run else "failed", reason=reason)
+    if not dry_run:
+        client.log_batch(run.info.run_id, tags=[RunTag(REAPED_TAG, reason), RunTag(ERROR_TAG, f"reaped: {reason}")],
+                         synchronous=True)
+        client.set_terminated(run.info.run_id, "FAILED", end_time=run.info.start_time)
     return item
 
 
