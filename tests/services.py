@@ -5,8 +5,9 @@ server mode), and network namespaces that stand for separate hosts.
         pg.uri("mlflow")              # postgresql+psycopg2://postgres@127.0.0.1:<port>/mlflow
     with s3_endpoint(bucket="mlflow-artifacts") as s3:
         s3.url, s3.env                # http://127.0.0.1:<port>, AWS_* + MLFLOW_S3_ENDPOINT_URL
-    with Hosts(["server", "w1", "w2"], hub="server") as hosts:
-        hosts.run("w1", [...])        # a command on host w1; hosts.address("server") = 10.77.1.1
+    with Hosts(["server", "w1", "w2"], hub="server", observer=True) as hosts:
+        hosts.run("w1", [...])        # a command on host w1
+        hosts.address("server", seen_from="w1")   # 10.77.1.1; from this process: address("server")
 
 Everything started here is stopped and removed when its block ends, whatever ended it.
 
@@ -38,6 +39,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow_server import free_port
+
+
+def require(why: str | None) -> None:
+    """In a test: skip when a service cannot run here (``why``), but fail under CI (CI=true),
+    where `.ci/run` installs what these tests need: a skip there would hide a missing step."""
+    import pytest
+
+    if why:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"CI must provide this: {why}")
+        pytest.skip(why)
 
 
 # -- PostgreSQL -------------------------------------------------------------------------
@@ -126,7 +138,7 @@ def postgres_cluster(databases: Sequence[str] = ("mlflow",), *, listen: str = "1
         if allow:
             with open(data / "pg_hba.conf", "a") as fh:
                 fh.write(f"host all all {allow} {'scram-sha-256' if password else 'trust'}\n")
-        opts = (f"-p {port} -k {root} -c listen_addresses={listen} -c fsync=off "
+        opts = (f"-p {port} -k {root} -c listen_addresses='{listen}' -c fsync=off "
                 f"-c synchronous_commit=off -c full_page_writes=off -c max_connections={max_connections}")
         started = True
         run([pg_ctl, "-D", data, "-l", root / "postgres.log", "-o", opts, "-w", "-t", "60", "start"], ns=True)
@@ -134,7 +146,7 @@ def postgres_cluster(databases: Sequence[str] = ("mlflow",), *, listen: str = "1
             # over the Unix socket (trust): works inside or outside a namespace
             run([createdb, "-h", root, "-p", port, "-U", "postgres", db])
         pid = int((data / "postmaster.pid").read_text().split()[0])
-        yield Postgres(host=listen, port=port, pid=pid, root=root, password=password)
+        yield Postgres(host="127.0.0.1" if listen in ("*", "0.0.0.0") else listen, port=port, pid=pid, root=root, password=password)
     finally:
         if started:
             with contextlib.suppress(Exception):
@@ -232,13 +244,17 @@ def have_netns() -> str | None:
 class Hosts:
     """Network namespaces standing for hosts, star-joined to ``hub`` by veth pairs."""
 
-    def __init__(self, names: Sequence[str], hub: str, tag: str | None = None):
+    def __init__(self, names: Sequence[str], hub: str, tag: str | None = None, observer: bool = False):
         self.tag = tag or f"{os.getpid() % 10000}"
         self.names, self.hub = list(names), hub
         self.ns = {n: f"mlp{self.tag}-{n}" for n in self.names}
         self._addr: dict[str, str] = {}
         self._hub_addr: dict[str, str] = {}  # the hub's address as each host sees it
         self._dev: dict[str, str] = {}       # the hub's end of each host's link
+        # observer: one more link, from this process's own namespace to the hub (the test looks
+        # at the hub's servers from outside, as an admin's laptop would)
+        self.observer = observer
+        self._obs_dev = f"mlp{self.tag}o0"
 
     def _ip(self, *args: str, ns: str | None = None) -> None:
         cmd = ["ip", *(["-n", ns] if ns else []), *args]
@@ -262,6 +278,14 @@ class Hosts:
                 self._ip("link", "set", a, "up", ns=self.ns[self.hub])
                 self._ip("link", "set", b, "up", ns=self.ns[name])
                 self._addr[name], self._hub_addr[name], self._dev[name] = host_ip, hub_ip, a
+            if self.observer:
+                a, b = self._obs_dev, f"mlp{self.tag}o1"
+                self._ip("link", "add", a, "type", "veth", "peer", "name", b)
+                self._ip("link", "set", b, "netns", self.ns[self.hub])
+                self._ip("addr", "add", "10.77.250.1/30", "dev", a)
+                self._ip("addr", "add", "10.77.250.2/30", "dev", b, ns=self.ns[self.hub])
+                self._ip("link", "set", a, "up")
+                self._ip("link", "set", b, "up", ns=self.ns[self.hub])
         except BaseException:
             self.close()
             raise
@@ -278,12 +302,23 @@ class Hosts:
                 with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), signal.SIGKILL)
             subprocess.run(["ip", "netns", "del", self.ns[name]], capture_output=True)
+        if self.observer:  # (gone with the hub's namespace already, unless that failed)
+            subprocess.run(["ip", "link", "del", self._obs_dev], capture_output=True)
 
     def address(self, name: str, seen_from: str | None = None) -> str:
-        """``name``'s address; the hub's as ``seen_from`` reaches it (each link has its own)."""
+        """``name``'s address; the hub's as ``seen_from`` reaches it (each link has its own;
+        ``seen_from=None``: from this process, through the observer link)."""
         if name == self.hub:
-            return self._hub_addr[seen_from or next(n for n in self.names if n != self.hub)]
+            if seen_from is None:
+                if not self.observer:
+                    raise ValueError("Hosts(observer=True) to reach the hub from this process")
+                return "10.77.250.2"
+            return self._hub_addr[seen_from]
         return self._addr[name]
+
+    def pids(self, name: str) -> set[int]:
+        out = subprocess.run(["ip", "netns", "pids", self.ns[name]], capture_output=True, text=True).stdout
+        return {int(p) for p in out.split()}
 
     def prefix(self, name: str) -> list[str]:
         return ["ip", "netns", "exec", self.ns[name]]
@@ -302,8 +337,8 @@ class Hosts:
 
     def kill_all(self, name: str) -> int:
         """SIGKILL every process on host ``name`` (a lost machine); how many there were."""
-        pids = subprocess.run(["ip", "netns", "pids", self.ns[name]], capture_output=True, text=True).stdout.split()
+        pids = self.pids(name)
         for pid in pids:
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(pid), signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         return len(pids)

@@ -37,7 +37,7 @@ class SearchConfig(RunOptions):
     study: str = param("", "Optuna study name, also the registered model's name; the same name resumes the study "
                        "(auto: <space name>-<model>)", empty="auto")
     storage: str = param("sqlite:///optuna.db", "Optuna storage: an SQLAlchemy URL (sqlite:///optuna.db, "
-                         "postgresql://user@host/db for many machines) or journal:<file> (Optuna's journal file)")
+                         "postgresql+psycopg2://user@host/db for many machines) or journal:<file> (Optuna's journal file)")
     workers: int = param(1, "local worker processes sharing the study; each runs trials until it holds n_trials")
     seed: int = param(-1, "sampler seed; -1 = the space's")
     objectives: str = param("", "objectives instead of the space's: best_acc, best_ppl, or best_acc,best_ppl "

@@ -44,7 +44,7 @@ def open_storage(url: str, heartbeat: int = 0, max_retry: int = 2):
             raise UserError(f"storage {url!r}: folder {path.parent} does not exist")
         return JournalStorage(JournalFileBackend(str(path)))
     if "://" not in url:
-        raise UserError(f"storage {url!r}: give an SQLAlchemy URL (sqlite:///optuna.db, postgresql://…) or "
+        raise UserError(f"storage {url!r}: give an SQLAlchemy URL (sqlite:///optuna.db, postgresql+psycopg2://…) or "
                         "journal:<file>")
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
@@ -73,7 +73,11 @@ def open_storage(url: str, heartbeat: int = 0, max_retry: int = 2):
             return RDBStorage(url, **kwargs)
     except Exception as exc:  # driver missing, server down, bad credentials
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"storage {storage_label(url)!r} cannot be opened: {tracking.redact(first)}") from None
+        hint = ""
+        if isinstance(exc, ImportError) and parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
+            # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3
+            hint = " (a plain postgresql:// means psycopg 3: pip install 'psycopg[binary]', or write postgresql+psycopg2://)"
+        raise UserError(f"storage {storage_label(url)!r} cannot be opened: {tracking.redact(first)}{hint}") from None
 
 
 def _wal(path: Path) -> None:

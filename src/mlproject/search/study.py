@@ -1,7 +1,7 @@
 """`search` / `mlproject search`: an Optuna study whose trials are pipeline runs.
 
     mlproject search --space pipelines/spaces/demo.yaml --model smollm2 --n-trials 8      # offline
-    mlproject search --space … --storage postgresql://user@host/optuna --study mistral-cr  # N machines
+    mlproject search --space … --storage postgresql+psycopg2://user@host/optuna --study mistral-cr  # N machines
     mlproject search --space … --workers 2                                                 # 2 local processes
     mlflow run . -e evaluate -P model=models:/demo-smollm2@best_acc --env-manager local     # the winner
 

@@ -44,6 +44,12 @@ class Surplus(Exception):
     """The study already held n_trials when this trial started (two workers raced for the last slot)."""
 
 
+class LostTrial(Exception):
+    """The trial is no longer RUNNING in the storage: this worker was cut off (a partition, a
+    stalled host) longer than the heartbeat's grace period, another worker failed the trial as
+    stale and queued its retry. Whatever this worker computed is late and must not count."""
+
+
 @dataclass
 class Context:
     """What a worker (this process or a spawned one) needs to join the study."""
@@ -137,6 +143,7 @@ class Worker:
         _, self.eval_plan, self.docs = checked or space_mod.check(space, self.experiment)
         self.objectives = space.objectives
         self.target_tags: dict[str, Any] = {}  # the scored trial's target, logged with its first metrics
+        self._current = None  # the trial being run (the loop asks the storage about it when Optuna refuses it)
 
     def loop(self) -> None:
         from optuna.storages._heartbeat import is_heartbeat_enabled
@@ -161,6 +168,7 @@ class Worker:
                 if self.cfg.timeout and time.monotonic() - start >= self.cfg.timeout:
                     log.info("timeout: %g s reached, starting no new trial", self.cfg.timeout)
                     return
+                self._current = None
                 try:
                     # (no gc_after_trial: a full collection costs ~0.4 s with torch loaded; score() frees
                     # the model itself)
@@ -169,6 +177,14 @@ class Worker:
                     if isinstance(exc.__cause__, SystemExit):
                         raise exc.__cause__ from None
                     raise
+                except (ValueError, AssertionError):
+                    # Optuna refuses to tell a trial that is no longer RUNNING ("Cannot tell a FAIL
+                    # trial", or an assertion when the objective had returned): the trial was failed
+                    # by heartbeat while this worker was cut off; its retry counts instead.
+                    if self._current is None or not self._lost(self._current):
+                        raise
+                    log.warning("trial %d: failed by heartbeat while this worker was cut off; its result is "
+                                "not counted (its retry is)", self._current.number)
                 continue
             if state["done"] < self.space.n_trials and heartbeat and state["running"]:
                 # Trials still running elsewhere: wait for them, or for their heartbeat to go
@@ -191,11 +207,15 @@ class Worker:
             trial.set_user_attr(ATTR_SURPLUS, True)
             raise Surplus(f"the study already holds {self.space.n_trials} trials (another worker took the last slot)")
         state: dict[str, Any] = {"run_id": None, "tags": {}}
+        self._current = trial
         try:
             outcome = self._trial(trial, state)
         except BaseException as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
+            if not interrupted and self._lost(trial):
+                self._late(trial, state)
+                raise LostTrial(f"trial {trial.number} was failed by heartbeat meanwhile") from None
             if not interrupted:
                 # a raised error counts the trial as done: the same values would fail again (and
                 # a bug here must not make every worker start trials forever)
@@ -209,9 +229,38 @@ class Worker:
                 # Optuna records FAIL for KeyboardInterrupt (not SystemExit) and re-raises it
                 raise KeyboardInterrupt(first) from exc
             raise
+        if self._lost(trial):  # cut off after scoring, before telling
+            self._late(trial, state)
+            raise LostTrial(f"trial {trial.number} was failed by heartbeat meanwhile")
         if outcome["pruned"]:
             raise optuna.TrialPruned(f"pruned at level {outcome['level']} ({outcome['documents']} documents)")
         return outcome["values"] if len(outcome["values"]) > 1 else outcome["values"][0]
+
+    def _lost(self, trial) -> bool:
+        """The trial is no longer RUNNING in the storage (only another worker's heartbeat check
+        ends a trial this worker holds). A storage that cannot be read says nothing: False."""
+        from optuna.trial import TrialState
+
+        try:
+            return self.study._storage.get_trial(trial._trial_id).state != TrialState.RUNNING
+        except Exception:
+            return False
+
+    def _late(self, trial, state: dict[str, Any]) -> None:
+        """The trial's run ends FAILED, saying why its result does not count. (The worker that
+        failed the trial ended the run already; the pipeline may have ended it FINISHED since.)"""
+        retry = None
+        with contextlib.suppress(Exception):
+            retry = next((t.number for t in self.study.get_trials(deepcopy=False)
+                          if t.system_attrs.get("failed_trial") == trial.number), None)
+        why = (f"this worker was cut off from the study's storage longer than the heartbeat's grace period; "
+               f"trial {trial.number} was failed as stale and retried"
+               + (f" as trial {retry}" if retry is not None else "") + ", so this late result is not counted")
+        log.warning("trial %d: %s", trial.number, why)
+        if state.get("run_id"):
+            with contextlib.suppress(Exception):
+                tracking.fail_run(state["run_id"], "worker lost: the trial's heartbeat went stale; retried",
+                                  tags={names.TRIAL_STATE_TAG: "FAIL", names.LATE_RESULT_TAG: why})
 
     def _trial(self, trial, state: dict[str, Any]) -> dict[str, Any]:
         from mlproject.pipeline import runner
@@ -270,6 +319,8 @@ class Worker:
 
     def score(self, trial, prun: tracking.Run, results: dict, the_plan) -> dict[str, Any]:
         """Score the target's model level by level (the pipeline run's ``finish``)."""
+        if self._lost(trial):  # (the storage was unreachable while the target step ran)
+            raise LostTrial(f"trial {trial.number} was failed by heartbeat meanwhile")
         self.target_tags = {}
         target = results[self.space.target]
         key = self.eval_key(the_plan.steps[self.space.target].key or target.key)

@@ -19,6 +19,7 @@ Modules, lowest first (a module imports only those above it):
 * ``datasets``   — what a step read, as MLflow dataset inputs;
 * ``run``        — ``Run`` (logging through spool and link) and ``NullRun``; metric names, params;
 * ``headline``   — the experiment's saved runs-table view of the headline numbers;
+* ``system_metrics`` — MLflow's CPU / memory / GPU samples on a step's run (its System metrics tab);
 * ``lifecycle``  — ``step_run``: a step's run from open (or attach) to its final status;
 * ``artifacts``  — fetching ``runs:/`` / ``models:/`` artifacts through a pruned local cache;
 * ``lookups``    — reading runs back by id or reuse key, logged models, where to look in the UI;
@@ -43,15 +44,17 @@ from mlproject.tracking.lookups import (check_model_uri, experiment_name, find_e
 from mlproject.tracking.names import (DEFAULT_EXPERIMENT, ERROR_TAG, HEARTBEAT_TAG, HOST_TAG, NOTE_TAG, PID_TAG,
                                       REAPED_TAG, SYSTEM_PREFIX, TAG_PREFIX)
 from mlproject.tracking.registry import register_alias, register_model
-from mlproject.tracking.repair import end_stale_run, reap_runs, record_refusal, run_status, set_run_tags, sync_spool
+from mlproject.tracking.repair import (end_stale_run, fail_run, reap_runs, record_refusal, run_status, set_run_tags,
+                                     sync_spool)
 from mlproject.tracking.run import NullRun, Run, metric_key, resolve_params, send_metrics
 from mlproject.tracking.server import check_server, strip_userinfo
+from mlproject.tracking.system_metrics import SYSTEM_METRICS_ENV
 
 __all__ = [
     "ARTIFACT_CACHE_DAYS_ENV", "DEFAULT_EXPERIMENT", "ERROR_TAG", "HEADLINE_VIEW", "HEARTBEAT_ENV", "HEARTBEAT_TAG",
-    "HOST_TAG", "NOTE_TAG", "PID_TAG", "REAPED_TAG", "RETRY_ENV", "SYSTEM_PREFIX", "TAG_PREFIX", "_LINK", "NullRun",
+    "HOST_TAG", "NOTE_TAG", "PID_TAG", "REAPED_TAG", "RETRY_ENV", "SYSTEM_METRICS_ENV", "SYSTEM_PREFIX", "TAG_PREFIX", "_LINK", "NullRun",
     "Run", "check_model_uri", "check_server", "clean_mapping", "command_line", "download", "end_stale_run",
-    "experiment_name", "extra_tags", "find_experiment_id", "find_reusable", "find_tagged_run", "headline_columns", "heartbeat_seconds",
+    "experiment_name", "extra_tags", "fail_run", "find_experiment_id", "find_reusable", "find_tagged_run", "headline_columns", "heartbeat_seconds",
     "is_transient", "last_metric_step", "liveness_tags", "logged_model", "metric_key", "names",
     "publish_headline_view", "reap_runs", "record_refusal", "record_reuse", "redact", "register_alias",
     "register_model", "resolve_params", "retry_budget", "run_data", "run_experiment_id", "run_status",

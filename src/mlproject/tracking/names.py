@@ -139,6 +139,9 @@ TRIAL_STATE_TAG = f"{TAG_PREFIX}trial_state"
 OPTUNA_TRIAL_ID_TAG = f"{TAG_PREFIX}optuna_trial_id"
 #: search.workers: on a retried trial's run, the number of the failed trial it retries.
 RETRY_OF_TAG = f"{TAG_PREFIX}retry_of"
+#: search.workers: on a trial run whose worker was cut off from the storage longer than the heartbeat's
+#: grace period: its trial was failed (and retried) meanwhile, so its late result is not counted.
+LATE_RESULT_TAG = f"{TAG_PREFIX}late_result"
 #: search.workers: the reuse key of the trial's target evaluation.
 EVAL_KEY_TAG = f"{TAG_PREFIX}eval_key"
 #: search.workers: the run of the trial's target step (the model that was evaluated).

@@ -310,6 +310,15 @@ def run_status(run_id: str) -> str | None:
         return None
 
 
+def fail_run(run_id: str, error: str, tags: Mapping[str, Any] | None = None) -> None:
+    """End a run FAILED with ``error`` whatever its status now (a search trial whose result came
+    after its trial had been failed and retried: the run may already have ended FINISHED)."""
+    from mlflow.tracking import MlflowClient
+
+    set_run_tags(run_id, {ERROR_TAG: error, **dict(tags or {})})
+    MlflowClient().set_terminated(run_id, status="FAILED")
+
+
 def end_stale_run(run_id: str, error: str, tags: Mapping[str, Any] | None = None) -> list[str]:
     """End a run whose process died (SIGKILL leaves it RUNNING forever, mlflow#3932) and its
     RUNNING child runs: FAILED, the error as ``mlproject.error``. Returns the runs ended."""
