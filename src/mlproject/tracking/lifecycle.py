@@ -4,7 +4,9 @@ A step opens its run with :func:`step_run`. Under ``mlflow run`` it attaches to 
 created (``MLFLOW_RUN_ID``); otherwise it creates one. Whatever goes wrong inside the block ends
 the run FAILED with the error as the ``mlproject.error`` tag (Ctrl-C and SIGTERM end it KILLED),
 so no run is left RUNNING and no crash is recorded as FINISHED. The first tags (step, command
-line, liveness, :func:`extra_tags`, environment snapshot) go with the run's first request.
+line, liveness, :func:`extra_tags`, environment snapshot) go with the run's first request. A
+step that does the heavy work also samples the machine into the run's System metrics while the
+run is open (``tracking.system_metrics``).
 
 Under torchrun / accelerate launch (``WORLD_SIZE`` > 1) there is one run per launch: the main
 process opens it and the other ranks get a :class:`~mlproject.tracking.run.NullRun` on it; a
@@ -32,6 +34,7 @@ from mlproject.tracking.names import (COMMAND_TAG, CONTINUED_IN_TAG, DEFAULT_EXP
                                       RUN_NAME_TAG, SOURCE_NAME_TAG, STEP_TAG)
 from mlproject.tracking.run import NullRun, Run
 from mlproject.tracking.server import _first_line, strip_userinfo
+from mlproject.tracking.system_metrics import MONITORED_STEPS, start_system_metrics
 
 log = logging.getLogger(__name__)
 
@@ -196,25 +199,31 @@ def _open_run(
     active = mlflow.active_run()
     if parent is None and active is not None:
         parent = Run(active.info.run_id, active.info.experiment_id)
+    # Step runs get our sampler (tracking.system_metrics), so not MLflow's too, whatever
+    # MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING says; the other runs keep MLflow's own switch.
+    mlflow_sampler = False if step in MONITORED_STEPS else None
+    reopened = bool(run_id)
     if parent is not None:
         # mlflow run's MLFLOW_RUN_ID would override the parent of a nested run (mlflow#15713).
         os.environ.pop("MLFLOW_RUN_ID", None)
         if run_id:
-            started = mlflow.start_run(run_id=run_id, nested=active is not None)
+            started = mlflow.start_run(run_id=run_id, nested=active is not None, log_system_metrics=mlflow_sampler)
         elif active is not None:
             if active.info.run_id != parent.run_id:
                 raise RuntimeError(f"run {active.info.run_id} is active, not the parent {parent.run_id}")
-            started = mlflow.start_run(experiment_id=parent.experiment_id, run_name=run_name, nested=True)
+            started = mlflow.start_run(experiment_id=parent.experiment_id, run_name=run_name, nested=True,
+                                       log_system_metrics=mlflow_sampler)
         else:
             started = mlflow.start_run(experiment_id=parent.experiment_id, run_name=run_name,
-                                       parent_run_id=parent.run_id)
+                                       parent_run_id=parent.run_id, log_system_metrics=mlflow_sampler)
     else:
         launcher_id = os.environ.get("MLFLOW_RUN_ID")
         attach_id = run_id or launcher_id
+        reopened = bool(attach_id)
         if attach_id:
             # The attached run decides the experiment, whatever was set earlier in this process.
             mlflow.set_experiment(experiment_id=MlflowClient().get_run(attach_id).info.experiment_id)
-            started = mlflow.start_run(run_id=attach_id)
+            started = mlflow.start_run(run_id=attach_id, log_system_metrics=mlflow_sampler)
             # mlflow run sets MLFLOW_RUN_ID for us; left in place it would override the parent
             # of any nested run we open later (mlflow#15713).
             os.environ.pop("MLFLOW_RUN_ID", None)
@@ -227,9 +236,11 @@ def _open_run(
             # experiment at once, MLflow's set_experiment returns it without making it active, and
             # the run would land in "Default" (a concurrent first run's result went missing so).
             exp = mlflow.set_experiment(name)
-            started = mlflow.start_run(experiment_id=exp.experiment_id, run_name=run_name)
+            started = mlflow.start_run(experiment_id=exp.experiment_id, run_name=run_name,
+                                       log_system_metrics=mlflow_sampler)
     run = Run(started.info.run_id, started.info.experiment_id)
     status = "FAILED"
+    sampler = None
     try:
         run.open_spool(step)
         base_tags = {STEP_TAG: step, COMMAND_TAG: command_line(), **liveness_tags(),
@@ -242,6 +253,7 @@ def _open_run(
             base_tags[RUN_NAME_TAG] = run_name
         run.set_tags(base_tags)
         run.start_heartbeat(tag=False)
+        sampler = start_system_metrics(run.run_id, step, resume=reopened)
         if log_env:
             run.env = envinfo.collect()
             run.set_tags(_env_tags(run.env))
@@ -258,8 +270,12 @@ def _open_run(
         _record_error(run, exc)
         raise
     finally:
-        # Ends exactly this run (a child never ends its parent, whatever happened inside).
-        _close(run, status)
+        try:
+            if sampler is not None:
+                sampler.stop()  # its last sample and batch go before the final status
+        finally:
+            # Ends exactly this run (a child never ends its parent, whatever happened inside).
+            _close(run, status)
 
 
 def _record_error(run: Run, exc: BaseException | str) -> None:
