@@ -35,7 +35,7 @@ import pytest
 
 from conftest import mlflow_client, subprocess_env
 from mlflow_server import _healthy, _tail, free_port, start_server
-from services import have_moto, have_postgres, postgres_cluster, s3_endpoint
+from services import have_moto, have_postgres, postgres_cluster, require, s3_endpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tracking" / "team-server.sh"
@@ -57,6 +57,24 @@ def test_team_server_refuses_placeholders():
     assert out.stderr.strip().startswith("error: set MLFLOW_BACKEND_STORE_URI")
 
 
+def test_team_server_names_a_missing_database_driver(tmp_path):
+    """A plain postgresql:// is psycopg 3 to SQLAlchemy 2.1: a psycopg2-only host gets one line."""
+    import importlib.util
+
+    if importlib.util.find_spec("psycopg") is not None:
+        pytest.skip("psycopg 3 is installed: a plain postgresql:// works here")
+    env_file = tmp_path / "team.env"
+    env_file.write_text((ROOT / "tracking" / "team.env.example").read_text()
+                        .replace("postgresql+psycopg2://", "postgresql://").replace("CHANGE_ME", "x" * 16))
+    out = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "TEAM_ENV": str(env_file), "PYTHON": sys.executable,
+                              "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "auth.ini")})
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("error: MLFLOW_BACKEND_STORE_URI needs the postgresql "
+                                                         "driver psycopg")
+    assert "postgresql+psycopg2://" in out.stderr and "xxxxxxxx" not in out.stderr
+
+
 class Team(typing.NamedTuple):
     uri: str
     password: str   # the admin's
@@ -69,9 +87,7 @@ class Team(typing.NamedTuple):
 def team_services(tmp_path_factory):
     """PostgreSQL (databases mlflow, mlflow_auth, optuna; password logins over TCP) and an S3
     endpoint with the bucket, as a team's server host has them."""
-    why = have_postgres() or have_moto()
-    if why:
-        pytest.skip(why)
+    require(have_postgres() or have_moto())
     root = tmp_path_factory.mktemp("team-services")
     with postgres_cluster(("mlflow", "mlflow_auth", "optuna"), password="pg-" + secrets.token_hex(8)) as pg, \
             s3_endpoint("team-artifacts", root=root) as s3:

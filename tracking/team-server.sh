@@ -5,7 +5,7 @@
 # host names clients use (MLflow 3 refuses API calls with any other Host header: 403
 # "Invalid Host header", while /health still answers 200).
 #
-#   pip install 'mlflow[auth]' psycopg2-binary boto3        # on the server host
+#   pip install 'mlflow[auth]' psycopg2-binary boto3        # on the server host (postgresql+psycopg2:// URIs)
 #   cp tracking/team.env.example tracking/team.env          # git-ignored; edit every CHANGE_ME
 #   bash tracking/team-server.sh                            # or TEAM_ENV=/etc/mlflow/team.env …
 #
@@ -34,6 +34,25 @@ if [ "$MLFLOW_AUTH_ADMIN_PASSWORD" = "password1234" ] || [ "${#MLFLOW_AUTH_ADMIN
   echo "error: MLFLOW_AUTH_ADMIN_PASSWORD in $env_file must be your own, 12 characters or more" >&2
   exit 2
 fi
+
+# The database drivers and the S3 client the URIs ask for, before the server starts: SQLAlchemy 2.1
+# reads a plain postgresql:// as psycopg 3 (not psycopg2), which a psycopg2-only host lacks, and
+# MLflow would only say so in a traceback.
+"${PYTHON:-python3}" - <<'PY' || exit 2
+import importlib.util, os, sys
+from sqlalchemy.engine import make_url
+for var in ("MLFLOW_BACKEND_STORE_URI", "MLFLOW_AUTH_DATABASE_URI"):
+    url = make_url(os.environ[var])
+    dialect = url.get_dialect()
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        hint = (" (a plain postgresql:// means psycopg 3: pip install 'psycopg[binary]', or write "
+                "postgresql+psycopg2:// with psycopg2-binary)" if url.get_backend_name() == "postgresql" else "")
+        sys.exit(f"error: {var} needs the {url.get_backend_name()} driver {dialect.driver}: {exc}{hint}")
+if os.environ["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://") and importlib.util.find_spec("boto3") is None:
+    sys.exit("error: MLFLOW_ARTIFACTS_DESTINATION is s3://: pip install boto3")
+PY
 
 # The auth app reads its settings from an ini file (the admin password it takes from
 # MLFLOW_AUTH_ADMIN_PASSWORD, on the first start only). The file holds the auth database URI,
