@@ -56,7 +56,9 @@ PY
 
 # The auth app reads its settings from an ini file (the admin password it takes from
 # MLFLOW_AUTH_ADMIN_PASSWORD, on the first start only). The file holds the auth database URI,
-# so only this user may read it.
+# so only this user may read it. MLflow checks the password hash (scrypt, ~0.1 s of CPU) on every
+# request unless its credential cache is on; a step makes ~30 requests, so it is on here
+# (MLFLOW_AUTH_CACHE_TTL_SECONDS, default 60; 0 = off).
 export MLFLOW_AUTH_CONFIG_PATH="${MLFLOW_AUTH_CONFIG_PATH:-$here/local/basic_auth.ini}"
 mkdir -p "$(dirname "$MLFLOW_AUTH_CONFIG_PATH")"
 ( umask 077
@@ -66,6 +68,7 @@ default_permission = ${MLFLOW_AUTH_DEFAULT_PERMISSION:-READ}
 database_uri = $MLFLOW_AUTH_DATABASE_URI
 admin_username = ${MLFLOW_AUTH_ADMIN_USERNAME:-admin}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+auth_cache_ttl_seconds = ${MLFLOW_AUTH_CACHE_TTL_SECONDS:-60}
 INI
 )
 
