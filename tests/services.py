@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -149,8 +150,11 @@ def postgres_cluster(databases: Sequence[str] = ("mlflow",), *, listen: str = "1
         yield Postgres(host="127.0.0.1" if listen in ("*", "0.0.0.0") else listen, port=port, pid=pid, root=root, password=password)
     finally:
         if started:
-            with contextlib.suppress(Exception):
+            try:
                 run([pg_ctl, "-D", data, "-m", "immediate", "-w", "-t", "30", "stop"], ns=True)
+            except Exception:  # never leave a postmaster running on a deleted data folder
+                with contextlib.suppress(Exception):
+                    os.kill(int((data / "postmaster.pid").read_text().split()[0]), signal.SIGKILL)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -190,7 +194,8 @@ def s3_endpoint(bucket: str = "mlflow-artifacts", root: Path | None = None) -> I
         raise RuntimeError(why)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log_path = Path(root or tempfile.mkdtemp(prefix="mlproject-s3-")) / "moto.log"
+    own = None if root else tempfile.mkdtemp(prefix="mlproject-s3-")
+    log_path = Path(root or own) / "moto.log"
     log = open(log_path, "ab")  # noqa: SIM115 - closed in finally
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -211,6 +216,8 @@ def s3_endpoint(bucket: str = "mlflow-artifacts", root: Path | None = None) -> I
     finally:
         stop_group(proc)
         log.close()
+        if own:
+            shutil.rmtree(own, ignore_errors=True)
 
 
 def stop_group(proc: subprocess.Popen, term_wait: float = 10) -> None:
@@ -245,7 +252,7 @@ class Hosts:
     """Network namespaces standing for hosts, star-joined to ``hub`` by veth pairs."""
 
     def __init__(self, names: Sequence[str], hub: str, tag: str | None = None, observer: bool = False):
-        self.tag = tag or f"{os.getpid() % 10000}"
+        self.tag = tag or secrets.token_hex(2)  # (names of this set only: close() deletes what they match)
         self.names, self.hub = list(names), hub
         self.ns = {n: f"mlp{self.tag}-{n}" for n in self.names}
         self._addr: dict[str, str] = {}

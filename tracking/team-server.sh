@@ -65,20 +65,22 @@ mkdir -p "$(dirname "$MLFLOW_AUTH_CONFIG_PATH")"
   cat > "$MLFLOW_AUTH_CONFIG_PATH" <<INI
 [mlflow]
 default_permission = ${MLFLOW_AUTH_DEFAULT_PERMISSION:-READ}
-database_uri = $MLFLOW_AUTH_DATABASE_URI
+database_uri = ${MLFLOW_AUTH_DATABASE_URI//%/%%}
 admin_username = ${MLFLOW_AUTH_ADMIN_USERNAME:-admin}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 auth_cache_ttl_seconds = ${MLFLOW_AUTH_CACHE_TTL_SECONDS:-60}
 INI
 )
+chmod 600 "$MLFLOW_AUTH_CONFIG_PATH"  # (umask does not tighten a file left by an earlier start)
 
 cors=()
 if [ -n "${MLFLOW_CORS_ALLOWED_ORIGINS:-}" ]; then
   cors=(--cors-allowed-origins "$MLFLOW_CORS_ALLOWED_ORIGINS")
 fi
+# The backend store URI holds the database password: mlflow server reads it from the exported
+# MLFLOW_BACKEND_STORE_URI, so it is not on the command line (which `ps` shows every user).
 exec "${PYTHON:-python3}" -m mlflow server \
   --app-name basic-auth \
   --host "$MLFLOW_HOST" --port "$MLFLOW_PORT" --workers "${MLFLOW_WORKERS:-4}" \
-  --backend-store-uri "$MLFLOW_BACKEND_STORE_URI" \
   --artifacts-destination "$MLFLOW_ARTIFACTS_DESTINATION" \
   --allowed-hosts "$MLFLOW_ALLOWED_HOSTS" "${cors[@]}"

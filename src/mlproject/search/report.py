@@ -59,7 +59,7 @@ def trial_rows(study) -> "list[dict[str, Any]]":
             **metrics, "documents": metrics.get("system/search/documents"),
             "level": level, "run_id": t.user_attrs.get(ATTR_RUN),
             "model_uri": (t.user_attrs.get(ATTR_TARGET) or {}).get(ATTR_MODEL), "error": t.user_attrs.get(ATTR_ERROR),
-            "retry_of": t.system_attrs.get("failed_trial"),
+            "retry_of": (t.system_attrs.get("retry_history") or [None])[-1],  # (failed_trial: a chain's first)
             "seconds": (t.datetime_complete - t.datetime_start).total_seconds()
             if t.datetime_complete and t.datetime_start else None,
         })

@@ -45,9 +45,10 @@ class Surplus(Exception):
 
 
 class LostTrial(Exception):
-    """The trial is no longer RUNNING in the storage: this worker was cut off (a partition, a
-    stalled host) longer than the heartbeat's grace period, another worker failed the trial as
-    stale and queued its retry. Whatever this worker computed is late and must not count."""
+    """The trial is no longer RUNNING in the storage: another worker failed it as stale (this
+    worker's heartbeat stopped for longer than the grace period: a partition, a stalled host, or
+    Optuna's heartbeat thread, which stops at its first failed write) and queued its retry.
+    Whatever this worker computed is late and must not count."""
 
 
 @dataclass
@@ -143,7 +144,8 @@ class Worker:
         _, self.eval_plan, self.docs = checked or space_mod.check(space, self.experiment)
         self.objectives = space.objectives
         self.target_tags: dict[str, Any] = {}  # the scored trial's target, logged with its first metrics
-        self._current = None  # the trial being run (the loop asks the storage about it when Optuna refuses it)
+        # the trial being run and its state (the loop asks the storage about it when Optuna refuses it)
+        self._current: tuple[Any, dict[str, Any]] | None = None
 
     def loop(self) -> None:
         from optuna.storages._heartbeat import is_heartbeat_enabled
@@ -181,10 +183,10 @@ class Worker:
                     # Optuna refuses to tell a trial that is no longer RUNNING ("Cannot tell a FAIL
                     # trial", or an assertion when the objective had returned): the trial was failed
                     # by heartbeat while this worker was cut off; its retry counts instead.
-                    if self._current is None or not self._lost(self._current):
+                    if self._current is None or not self._lost(self._current[0]):
                         raise
-                    log.warning("trial %d: failed by heartbeat while this worker was cut off; its result is "
-                                "not counted (its retry is)", self._current.number)
+                    # (lost after the objective's last look: its run may have ended FINISHED)
+                    self._late(*self._current)
                 continue
             if state["done"] < self.space.n_trials and heartbeat and state["running"]:
                 # Trials still running elsewhere: wait for them, or for their heartbeat to go
@@ -207,19 +209,19 @@ class Worker:
             trial.set_user_attr(ATTR_SURPLUS, True)
             raise Surplus(f"the study already holds {self.space.n_trials} trials (another worker took the last slot)")
         state: dict[str, Any] = {"run_id": None, "tags": {}}
-        self._current = trial
+        self._current = (trial, state)
         try:
             outcome = self._trial(trial, state)
         except BaseException as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
-            if not interrupted and self._lost(trial):
-                self._late(trial, state)
-                raise LostTrial(f"trial {trial.number} was failed by heartbeat meanwhile") from None
+            if not interrupted:
+                self._raise_if_lost(trial, state)
             if not interrupted:
                 # a raised error counts the trial as done: the same values would fail again (and
                 # a bug here must not make every worker start trials forever)
-                trial.set_user_attr(ATTR_ERROR, first[:1000])
+                with contextlib.suppress(Exception):  # (a storage that errors: Optuna tells FAIL anyway)
+                    trial.set_user_attr(ATTR_ERROR, first[:1000])
             with contextlib.suppress(Exception):
                 if state["run_id"]:
                     tracking.set_run_tags(state["run_id"], {names.TRIAL_STATE_TAG: "FAIL"})
@@ -229,9 +231,7 @@ class Worker:
                 # Optuna records FAIL for KeyboardInterrupt (not SystemExit) and re-raises it
                 raise KeyboardInterrupt(first) from exc
             raise
-        if self._lost(trial):  # cut off after scoring, before telling
-            self._late(trial, state)
-            raise LostTrial(f"trial {trial.number} was failed by heartbeat meanwhile")
+        self._raise_if_lost(trial, state)  # cut off after scoring, before telling
         if outcome["pruned"]:
             raise optuna.TrialPruned(f"pruned at level {outcome['level']} ({outcome['documents']} documents)")
         return outcome["values"] if len(outcome["values"]) > 1 else outcome["values"][0]
@@ -246,16 +246,26 @@ class Worker:
         except Exception:
             return False
 
+    def _raise_if_lost(self, trial, state: dict[str, Any] | None = None) -> None:
+        if self._lost(trial):
+            if state is not None:
+                self._late(trial, state)
+            raise LostTrial(f"trial {trial.number} was failed by heartbeat meanwhile")
+
     def _late(self, trial, state: dict[str, Any]) -> None:
-        """The trial's run ends FAILED, saying why its result does not count. (The worker that
-        failed the trial ended the run already; the pipeline may have ended it FINISHED since.)"""
+        """The trial's run ends FAILED, saying why its result does not count (once per trial). (The
+        worker that failed the trial ended the run already; the pipeline may have ended it FINISHED
+        since.)"""
+        if state.get("late"):
+            return
+        state["late"] = True
         retry = None
         with contextlib.suppress(Exception):
             retry = next((t.number for t in self.study.get_trials(deepcopy=False)
-                          if t.system_attrs.get("failed_trial") == trial.number), None)
+                          if (t.system_attrs.get("retry_history") or [None])[-1] == trial.number), None)
         why = (f"this worker was cut off from the study's storage longer than the heartbeat's grace period; "
-               f"trial {trial.number} was failed as stale and retried"
-               + (f" as trial {retry}" if retry is not None else "") + ", so this late result is not counted")
+               f"trial {trial.number} was failed as stale"
+               + (f" and retried as trial {retry}" if retry is not None else "") + ", so this late result is not counted")
         log.warning("trial %d: %s", trial.number, why)
         if state.get("run_id"):
             with contextlib.suppress(Exception):
@@ -268,9 +278,11 @@ class Worker:
         values = {name: p.suggest(trial) for name, p in self.space.params.items()}
         tags = {names.STUDY_TAG: self.ctx.study_name, names.TRIAL_TAG: trial.number, names.TRIAL_STATE_TAG: "RUNNING",
                 names.ROLE_TAG: "trial", names.OPTUNA_TRIAL_ID_TAG: trial._trial_id}
-        retry_of = self.study._storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
-        if retry_of is not None:
-            tags[names.RETRY_OF_TAG] = retry_of
+        # (Optuna's failed_trial names the first trial of a retry chain; the one retried is the last
+        # of retry_history)
+        history = self.study._storage.get_trial_system_attrs(trial._trial_id).get("retry_history") or []
+        if history:
+            tags[names.RETRY_OF_TAG] = history[-1]
         state["tags"] = tags
 
         def on_start(prun: tracking.Run) -> None:
@@ -319,8 +331,7 @@ class Worker:
 
     def score(self, trial, prun: tracking.Run, results: dict, the_plan) -> dict[str, Any]:
         """Score the target's model level by level (the pipeline run's ``finish``)."""
-        if self._lost(trial):  # (the storage was unreachable while the target step ran)
-            raise LostTrial(f"trial {trial.number} was failed by heartbeat meanwhile")
+        self._raise_if_lost(trial)  # (the storage was unreachable while the target step ran)
         self.target_tags = {}
         target = results[self.space.target]
         key = self.eval_key(the_plan.steps[self.space.target].key or target.key)
