@@ -543,3 +543,37 @@ def test_a_target_generation_task_longer_than_the_context_is_refused_before_any_
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and "has a context of 256 tokens, but task code_offline generates up to 256" in err
     assert runs_of(mlflow_uri, "search-target-context") == [] and not storage.exists()
+
+
+def test_a_failed_heartbeat_write_does_not_stop_the_beating(tmp_path, monkeypatch):
+    """Optuna's heartbeat thread has no try around its write: one error (a database restart)
+    would end it and get a live trial failed as stale. The storage search opens keeps beating."""
+    import optuna
+    from optuna.storages import RDBStorage
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    from mlproject.search.storage import open_storage
+
+    storage = open_storage(f"sqlite:///{tmp_path}/hb.db", heartbeat=1)
+    study = optuna.create_study(storage=storage, study_name="hb")
+    trial = study.ask()
+    calls = []
+    original = RDBStorage.record_heartbeat
+
+    def flaky(self, trial_id):
+        calls.append(time.monotonic())
+        if len(calls) == 1:
+            raise RuntimeError("server closed the connection unexpectedly")
+        return original(self, trial_id)
+
+    monkeypatch.setattr(RDBStorage, "record_heartbeat", flaky)
+    thread = get_heartbeat_thread(trial._trial_id, storage)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(calls) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        thread.join()
+    assert len(calls) >= 3  # the thread survived the failed first write and went on beating
+    assert not storage._get_stale_trial_ids(study._study_id)

@@ -70,7 +70,7 @@ def open_storage(url: str, heartbeat: int = 0, max_retry: int = 2):
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(url, **kwargs)
+            return (_beating_storage() if heartbeat else RDBStorage)(url, **kwargs)
     except Exception as exc:  # driver missing, server down, bad credentials
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = ""
@@ -78,6 +78,32 @@ def open_storage(url: str, heartbeat: int = 0, max_retry: int = 2):
             # SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3
             hint = " (a plain postgresql:// means psycopg 3: pip install 'psycopg[binary]', or write postgresql+psycopg2://)"
         raise UserError(f"storage {storage_label(url)!r} cannot be opened: {tracking.redact(first)}{hint}") from None
+
+
+_BEATING: type | None = None
+
+
+def _beating_storage() -> type:
+    """RDBStorage whose heartbeat survives a failed write. Optuna's heartbeat thread calls
+    ``record_heartbeat`` in a loop with no try: one write that errors (the database restarted, a
+    connection reset) ends the thread, the trial stops beating for good, and another worker fails
+    it as stale although its worker is alive. Here a failed beat is a warning and the next one
+    is tried on time: only a worker silent for the whole grace period loses its trial."""
+    global _BEATING
+    if _BEATING is None:
+        from optuna.storages import RDBStorage
+
+        class BeatingRDBStorage(RDBStorage):
+            def record_heartbeat(self, trial_id: int) -> None:
+                try:
+                    super().record_heartbeat(trial_id)
+                except Exception as exc:  # noqa: BLE001 - the next beat is the retry
+                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    log.warning("trial id %d: a heartbeat could not be written (%s); trying again in %s s",
+                                trial_id, tracking.redact(first)[:300], self.heartbeat_interval)
+
+        _BEATING = BeatingRDBStorage
+    return _BEATING
 
 
 def _wal(path: Path) -> None:
