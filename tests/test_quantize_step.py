@@ -126,7 +126,7 @@ def gpt2_dir(tmp_path_factory):
 BAD = [
     (["--w-bits", "9"], "9"),
     (["--group-size", "7"], "group_size=7"),
-    (["--method", "gptq"], "gptq"),
+    (["--method", "quip"], "quip"),
     (["--method", "bnb-nf4", "--w-bits", "3"], "w_bits=3"),
     (["--scheme", "skewed"], "skewed"),
     (["--group-size", "128"], "group_size=128"),  # does not divide the 64-wide layers
@@ -192,14 +192,17 @@ def test_the_method_parameter_comes_from_the_registry():
     from mlproject.compression import methods as quant_methods
 
     f = next(f for f in dataclasses.fields(QuantizeConfig) if f.name == "method")
-    assert tuple(f.metadata["choices"]) == quant_methods.names() == ("rtn", "bnb-nf4", "bnb-fp4", "bnb-int8")
+    assert tuple(f.metadata["choices"]) == quant_methods.names() == (
+        "rtn", "bnb-nf4", "bnb-fp4", "bnb-int8", "gptq", "awq", "autoround", "hqq")
     assert f.metadata["help"] == quant_methods.help_text()
-    with pytest.raises(UserError, match=r"^method 'gptq' is not one of: rtn, bnb-nf4, bnb-fp4, bnb-int8$"):
-        QuantizeConfig(method="gptq")
-    with pytest.raises(UserError, match=r"^unknown quantization method 'gptq'; choose one of: rtn, bnb-nf4"):
-        quant_methods.get("gptq")
+    with pytest.raises(UserError, match=r"^method 'quip' is not one of: rtn, bnb-nf4, bnb-fp4, bnb-int8, gptq, awq, "
+                                        r"autoround, hqq$"):
+        QuantizeConfig(method="quip")
+    with pytest.raises(UserError, match=r"^unknown quantization method 'quip'; choose one of: rtn, bnb-nf4"):
+        quant_methods.get("quip")
     # a field only another method reads is refused, not ignored; the value a method implies is no error
-    with pytest.raises(UserError, match=r"^scheme='asymmetric' applies to method=rtn only; bnb-fp4 stores 4-bit"):
+    with pytest.raises(UserError, match=r"^scheme='asymmetric' applies to method=rtn/gptq/awq/autoround only; "
+                                        r"bnb-fp4 stores 4-bit"):
         QuantizeConfig(method="bnb-fp4", scheme="asymmetric")
     assert QuantizeConfig(method="bnb-int8", w_bits=8).w_bits == 8
 
@@ -254,7 +257,7 @@ def test_a_new_method_is_one_module_and_one_registry_line(monkeypatch, mlflow_ur
     assert quant_methods.names()[-1] == "noop" and quant_methods.get("noop") is NOOP
     assert "noop" in next(f for f in dataclasses.fields(QuantizeConfig) if f.name == "method").metadata["choices"]
     assert quant_methods.help_text().endswith(", noop (weights stored unchanged)")
-    with pytest.raises(UserError, match=r"^group_size=64 applies to method=rtn only; noop does not use it"):
+    with pytest.raises(UserError, match=r"^group_size=64 applies to method=rtn/gptq/awq/autoround/hqq only; noop does not use it"):
         QuantizeConfig(method="noop", group_size=64)
     result = run_quantize(mlflow_uri, tiny_dirs["llama"], ppl_text_file, method="noop", dtype="float32")
     run = mlflow_client(mlflow_uri).get_run(result.run_id)
@@ -276,5 +279,5 @@ def test_a_new_method_is_one_module_and_one_registry_line(monkeypatch, mlflow_ur
     assert ev.ppl["sample"] == pytest.approx(m["ppl/sample"], rel=1e-5)
     # through the CLI, a field it does not read still fails before any run or weights
     assert_bad_input(["quantize", "--model", str(tiny_dirs["llama"]), "--method", "noop", "--w-bits", "3"],
-                     "w_bits=3 applies to method=rtn only; noop does not use it (leave w_bits at its default)",
+                     "w_bits=3 applies to method=rtn/gptq/awq/autoround/hqq only; noop does not use it (leave w_bits at its default)",
                      mlflow_uri, "bad-quantize-noop", capsys, monkeypatch)

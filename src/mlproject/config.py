@@ -78,23 +78,49 @@ def _field_default(cls, name: str) -> Any:
 
 @dataclass
 class QuantizeConfig(EvalOptions, ModelOptions, RunOptions):
-    """`quantize`: weight quantization (simulated RTN or bitsandbytes), logged as a model, then evaluated."""
+    """`quantize`: weight quantization (RTN, bitsandbytes, GPTQ/AWQ, AutoRound, HQQ), logged as a model, then evaluated."""
 
     # Names, help and checks come from the method registry (one module per method family).
     method: str = param("rtn", quant_methods.help_text(), choices=quant_methods.CHOICES)
-    w_bits: int = param(4, "rtn: integer bits per weight, 2..8 (bnb methods fix their own: 4 or 8)")
-    group_size: int = param(128, "rtn: input columns sharing one scale; must divide every quantized layer's "
-                            "in_features (SmolLM2's 576: use 64 or 32); -1 = whole row")
-    scheme: str = param("symmetric", "rtn: symmetric (grid around 0) or asymmetric (min/max, integer zero point)")
+    w_bits: int = param(4, "integer bits per weight: rtn 2..8, gptq/awq/autoround 2..8 (awq 4 or 8 on GPU kernels), "
+                        "hqq 1, 2, 3, 4 or 8 (bnb methods fix their own: 4 or 8)")
+    group_size: int = param(128, "input columns sharing one scale (rtn/gptq/awq/autoround/hqq); must divide every "
+                            "quantized layer's in_features (SmolLM2's 576: use 64 or 32); -1 = whole row")
+    scheme: str = param("symmetric", "rtn/gptq/awq/autoround: symmetric (grid around 0) or asymmetric (min/max, "
+                        "integer zero point); hqq is always asymmetric (optimized float zero point)")
     granularity: str = param("per_group", "rtn: per_group (one scale per group_size columns) or per_channel (per row)")
-    modules: str = param("all-linear", "rtn: all-linear (every nn.Linear but the LM head) or a comma list of "
-                         "layer-name substrings, e.g. q_proj,k_proj")
+    modules: str = param("all-linear", "layers quantized: all-linear (every nn.Linear but the LM head) or a comma "
+                         "list of layer-name substrings, e.g. q_proj,k_proj")
+    calibration: str = param("offline", "gptq/awq/autoround: calibration text: offline (the bundled PPL text), "
+                             "wikitext2 (hub) or a .txt path")
+    calibration_samples: int = param(128, "gptq/awq/autoround: calibration sequences (random windows of the text)")
+    calibration_seqlen: int = param(512, "gptq/awq/autoround: tokens per calibration sequence")
+    iters: int = param(200, "autoround: signed-gradient steps per decoder block (0 = RTN on AutoRound's grid)")
     evaluate: bool = param(True, EVALUATE_RESULT_HELP)
+
+    @classmethod
+    def pipeline_fields(cls, values: dict[str, Any]) -> set[str]:
+        """The fields a pipeline-wide value may set on this step: not those only other method
+        families read (``group_size: 64`` for the whole pipeline reaches rtn and gptq steps, not nf4)."""
+        method = quant_methods.get(str(values.get("method", _field_default(cls, "method"))))
+        others = {n for fam in quant_methods.families() if fam is not method for n in fam.params}
+        return {f.name for f in dataclasses.fields(cls)} - (others - set(method.params))
 
     def __post_init__(self):
         EvalOptions.__post_init__(self)  # coerces every field; an unknown method lists the registered ones
         # the method's own checks: RTN's settings; another method refuses RTN's fields it would ignore
-        quant_methods.get(self.method).validate(self)
+        method = quant_methods.get(self.method)
+        method.validate(self)
+        if "calibration" in method.params:
+            from mlproject.evaluation.perplexity import check_dataset
+
+            try:
+                text = check_dataset(self.calibration)
+            except UserError:
+                text = None
+            if text is None:
+                raise UserError(f"calibration {self.calibration!r}: method={self.method} needs a text "
+                                "(offline, wikitext2 or a .txt path)")
 
 
 @dataclass

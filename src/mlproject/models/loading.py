@@ -217,18 +217,20 @@ def load_model(
         # A 7B checkpoint takes minutes to read on CPU: a phase with heartbeat lines, and
         # transformers' own "Loading weights" bar routed to ours.
         with phase(f"loading {ref.label}"), route_tqdm(prefix=f"{ref.label}: ", transformers=True):
+            from mlproject.compression import methods as quant_methods
+
             if local is not None and _is_nonuniform_pruned(local):
                 from mlproject.compression.prune import load_pruned_model
 
                 model = load_pruned_model(local, dtype=torch_dtype)
-            else:
+            # a packed format from_pretrained cannot read (HQQ's own files): its family loads it
+            elif local is None or (model := quant_methods.load_dir(local, torch_dtype, device)) is None:
                 model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
             tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except OSError as exc:
         if ref.kind == "hub" or ref.kind == "alias":
             raise UserError(f"cannot load {ref.raw!r} from the Hugging Face hub: {exc}".splitlines()[0]) from exc
         raise
-    from mlproject.compression import methods as quant_methods
 
     # A quantized checkpoint (config.json's quant_method) is prepared by the method family that
     # writes it (bitsandbytes on CPU: no weight repacking, which corrupts a later save).

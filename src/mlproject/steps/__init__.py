@@ -141,7 +141,7 @@ STEPS: dict[str, StepInfo] = {s.name: s for s in (
              "SFT / DPO with LoRA, QLoRA or full fine-tuning (trl), evaluated before/after",
              produces_model=True),
     StepInfo("quantize", "mlproject.config:QuantizeConfig", "mlproject.steps.quantize",
-             "weight quantization (RTN simulated, bitsandbytes nf4/fp4/int8) + evaluation",
+             "weight quantization (RTN, bitsandbytes, GPTQ/AWQ, AutoRound, HQQ) + evaluation",
              produces_model=True),
     StepInfo("prune", "mlproject.config:PruneStepConfig", "mlproject.steps.prune",
              "structured pruning to a fraction of parameters + evaluation", produces_model=True),

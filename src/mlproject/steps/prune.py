@@ -33,32 +33,6 @@ log = logging.getLogger(__name__)
 MB = 2**20
 
 
-def calibration_ids(tokenizer, text: str, samples: int, seqlen: int, seed: int):
-    """[n, seqlen] token windows at seeded random offsets (GPTQ/Wanda style); fewer, or one
-    shorter window, when the text is short."""
-    import torch
-
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    if ids.numel() < 2:
-        raise UserError("the calibration text has fewer than 2 tokens")
-    if ids.numel() <= seqlen:
-        return ids[None, :]
-    gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - seqlen + 1, (samples,), generator=gen)
-    return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
-
-
-def calibration_spec(calibration: str, tokenizer, ids) -> dict:
-    """The calibration windows as a dataset spec for the run's inputs (context ``calibration``)."""
-    from mlproject.evaluation.perplexity import text_path
-
-    source = ({"kind": "hf", "path": "wikitext", "config_name": "wikitext-2-raw-v1", "split": "test"}
-              if calibration == "wikitext2" else {"kind": "file", "path": str(text_path(calibration))})
-    rows = [{"window": i, "text": t} for i, t in enumerate(tokenizer.batch_decode(ids))]
-    return {"name": f"calibration {calibration} ({ids.shape[0]} × {ids.shape[1]} tokens)", "context": "calibration",
-            "source": source, "rows": rows}
-
-
 def check(cfg: PruneStepConfig, parent: tracking.Run | None = None, pending: frozenset[str] = frozenset()):
     """Every cheap check, before a run or weights exist: values, server, architecture, layer
     shapes and whether the ratio is reachable. Returns (ref, device, torch dtype, plan)."""
@@ -106,13 +80,8 @@ def run(cfg: PruneStepConfig, parent: tracking.Run | None = None) -> StepResult:
         size_before = _size_mb(loaded.model)
         ids = None
         if activation:
-            from mlproject.evaluation.perplexity import load_text
-
-            ids = calibration_ids(loaded.tokenizer, load_text(cfg.calibration), cfg.calibration_samples,
-                                  cfg.calibration_seqlen, cfg.seed)
-            # (a key containing "token" would be redacted as a secret by tracking)
-            run.log_params({"calibration.sequences": ids.shape[0], "calibration.seqlen": ids.shape[1]})
-            run.log_datasets([calibration_spec(cfg.calibration, loaded.tokenizer, ids)])
+            ids = compress.calibrate(run, loaded.tokenizer, cfg.calibration, cfg.calibration_samples,
+                                     cfg.calibration_seqlen, cfg.seed)
         start = time.perf_counter()
         rep = prune_lib.prune_model(loaded.model, pcfg, calibration_ids=ids)
         prune_seconds = time.perf_counter() - start
@@ -153,7 +122,7 @@ def run(cfg: PruneStepConfig, parent: tracking.Run | None = None) -> StepResult:
         report_params = {"model": cfg.model, "method": "structured pruning", "ratio": cfg.ratio,
                          "importance": cfg.importance, "targets": cfg.targets, "keep_layers": cfg.keep_layers,
                          "dtype": str(torch_dtype).removeprefix("torch."), "device": device, "seed": cfg.seed,
-                         "calibration": (f"{cfg.calibration} ({ids.shape[0]} × {ids.shape[1]} tokens)"
+                         "calibration": ({"dataset": cfg.calibration, "samples": ids.shape[0], "seqlen": ids.shape[1]}
                                          if activation else "N/A (magnitude)")}
         note = (f"Removed {rep.achieved_ratio:.2%} of the parameters ({rep.params_before / 1e9:.4g} B → "
                 f"{rep.params_after / 1e9:.4g} B): {rep.channels_removed} MLP channels and {rep.kv_groups_removed} "

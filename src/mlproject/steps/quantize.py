@@ -2,22 +2,28 @@
 
 ``method`` names one of the families registered in ``compression.methods`` (``rtn``: simulated
 round-to-nearest, stored dequantized; ``bnb-nf4`` / ``bnb-fp4`` / ``bnb-int8``: real
-bitsandbytes layers, quantized while loading); each family's module says what its run records.
-This step is the same for every method: cheap checks first (values, server, the input's config
-on a weightless meta-device model — e.g. RTN's group size vs. every layer's width —,
-already-quantized input), then one run: the method loads and quantizes the input, the step logs
-the model with its lineage, evaluates it and writes report.md.
+bitsandbytes layers, quantized while loading; ``gptq`` / ``awq``: llm-compressor, calibrated,
+compressed-tensors; ``autoround``: auto-round, calibrated; ``hqq``: hqq, calibration-free); each
+family's module says what its run records. This step is the same for every method: cheap checks
+first (values, the method's library, server, the calibration text, the input's config on a
+weightless meta-device model — e.g. the group size vs. every layer's width —, already-quantized
+input), then one run: the method loads and quantizes the input (drawing its calibration windows
+through the step, which logs them), the step logs the model — the method's own packed checkpoint
+where it writes one — with its lineage, evaluates it and writes report.md.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 
 from mlproject import tracking
 from mlproject.compression import methods as quant_methods
 from mlproject.compression.methods import QuantContext
 from mlproject.config import QuantizeConfig
 from mlproject.evaluation.engine import plan_eval
+from mlproject.models.reference import resolve
 from mlproject.report import md_table
 from mlproject.steps import StepResult
 from mlproject.steps.shared import checks, compress, model_output, runs
@@ -39,8 +45,9 @@ def check(cfg: QuantizeConfig, parent: tracking.Run | None = None, pending: froz
     bits = method.load_bits(cfg)
     checks.check_model_sources(ref, cfg.adapter, device, torch_dtype, pending,
                                bytes_per_param=None if bits is None else bits / 8)
-    if cfg.evaluate:
-        checks.check_data_sources({"ppl_dataset": cfg.ppl_dataset})
+    calibrated = "calibration" in method.params
+    checks.check_data_sources({**({"calibration": cfg.calibration} if calibrated else {}),
+                               **({"ppl_dataset": cfg.ppl_dataset} if cfg.evaluate else {})})
     config = None if ref.run_id in pending else compress.peek_config(ref, "quantize")
     if config is not None:
         method.check_model(cfg, config, lambda: _meta_model(config))
@@ -59,39 +66,54 @@ def run(cfg: QuantizeConfig, parent: tracking.Run | None = None) -> StepResult:
     key = runs.step_key("quantize", cfg)
     method = quant_methods.get(cfg.method)
     simulated = method.simulated(cfg)
+    calibrated = "calibration" in method.params
+    calib = ({"calibration": cfg.calibration, "calibration_samples": cfg.calibration_samples,
+              "calibration_seqlen": cfg.calibration_seqlen} if calibrated else {"calibration": "none"})
     params = {"model": cfg.model, "adapter": cfg.adapter or "none", "dtype": cfg.dtype, "device": device,
-              "method": cfg.method, **method.run_params(cfg), "modules": cfg.modules,
+              "method": cfg.method, **method.run_params(cfg), "modules": cfg.modules, **calib,
               "simulated": str(simulated).lower(), "evaluate": str(cfg.evaluate).lower(), **plan.params()}
     with tracking.step_run(
         "quantize", experiment=cfg.experiment or None,
         run_name=cfg.run_name or f"quantize:{ref.label}:{cfg.method}{method.run_name_suffix(cfg)}",
         tags={names.CACHE_KEY_TAG: key, **method.tags(cfg)},
         parent=parent,
-    ) as run, runs.PeakMemory() as memory:
+    ) as run, runs.PeakMemory() as memory, tempfile.TemporaryDirectory(prefix="mlproject-quant-") as workdir:
         run.log_params(params)
 
         def load(quantization_config=None):
             return compress.load_input(ref, dtype=cfg.dtype, device=device, adapter=cfg.adapter,
                                        quantization_config=quantization_config)
 
-        out = method.quantize(cfg, QuantContext(ref=ref, device=device, dtype=torch_dtype, load=load))
+        def calibration(tokenizer):
+            return compress.calibrate(run, tokenizer, cfg.calibration, cfg.calibration_samples,
+                                      cfg.calibration_seqlen, cfg.seed)
+
+        def reload(folder):
+            return compress.load_input(resolve(str(folder)), dtype=cfg.dtype, device=device, adapter="")
+
+        out = method.quantize(cfg, QuantContext(ref=ref, device=device, dtype=torch_dtype, load=load,
+                                                workdir=Path(workdir), calibration=calibration, reload=reload))
         loaded, metrics = out.loaded, out.metrics
         run.log_params(out.params)
         run.set_tags(runs.lineage_tags(ref, loaded, role="quantized"))
         run.log_params({"resolved_model": loaded.ref.target})
-        model_uri = model_output.log_model(run, loaded, ref, step="quantize")
+        model_uri = model_output.log_model(run, loaded, ref, step="quantize", saved=out.saved)
         body = [*out.report, md_table(["", "before", "after"], [
             ("model_size_mb", metrics["model_size_mb_before"], metrics["model_size_mb"]),
             ("bits per quantized weight", torch_dtype.itemsize * 8, metrics["effective_bits"]),
         ])]
-        body.append(f"Quantized in {metrics['quant_seconds']:.2f} s; the model is logged as `{model_uri}`.")
+        body.append(f"Quantized in {metrics['quant_seconds']:.2f} s; the model is logged as `{model_uri}`. "
+                    f"Served by: {method.serving}.")
+        if out.calibration and out.calibration.get("dataset") == cfg.ppl_dataset and cfg.evaluate:
+            body.append("Note: the calibration text is also the PPL text, so the PPL is slightly optimistic "
+                        "(calibration=wikitext2 or a file of your own keeps them apart).")
         caveat = model_output.gguf_caveat(loaded)
         if caveat:
             body.append(caveat)
         report_params = {"model": cfg.model, "method": cfg.method, "weight": out.weight,
                          "simulated": "yes (weights stored dequantized)" if simulated else "no",
                          "modules": cfg.modules, "dtype": str(torch_dtype).removeprefix("torch."),
-                         "device": device, "seed": cfg.seed, "calibration": out.calibration}
+                         "device": device, "seed": cfg.seed, "calibration": out.calibration or "N/A (calibration-free)"}
         return compress.finish(
             run, step="quantize", title=f"quantize: {ref.label} + {cfg.method}", loaded=loaded, plan=plan,
             evaluate=cfg.evaluate, report_params=report_params, metrics=metrics,

@@ -125,6 +125,8 @@ RESUMED_AFTER_STEP_TAG = f"{TAG_PREFIX}resumed_after_step"
 QUANT_METHOD_TAG = f"{TAG_PREFIX}quant.method"
 #: quantize: "true" for rtn (weights rounded to the grid, stored dequantized), "false" for bitsandbytes.
 QUANT_SIMULATED_TAG = f"{TAG_PREFIX}quant.simulated"
+#: which runtimes serve the stored format (a quantize run of a packed method: compressed-tensors, auto-round, hqq …)
+QUANT_SERVING_TAG = f"{TAG_PREFIX}quant.serving"
 
 # -- search ------------------------------------------------------------------------------------
 #: search.study (study run), search.workers (trial runs), search.report (registered versions): the study's name.

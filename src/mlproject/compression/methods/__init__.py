@@ -1,7 +1,6 @@
 """The quantization method registry: what a method is (:class:`QuantMethod`) and which exist (``METHODS``).
 
-A method *family* (RTN; bitsandbytes nf4/fp4/int8; later llm-compressor GPTQ/AWQ, AutoRound,
-HQQ) is one module holding one :class:`QuantMethod` object; it provides one or more method
+A method *family* (RTN; bitsandbytes nf4/fp4/int8; llm-compressor GPTQ/AWQ; AutoRound; HQQ) is one module holding one :class:`QuantMethod` object; it provides one or more method
 names, the values of the quantize step's ``method`` parameter. ``METHODS`` maps each family to
 its ``"module:object"`` entry, resolved on first use (as lm-eval's registry does). Adding a
 method is one module plus one line here; the step's ``method`` choices, ``--help``, MLproject
@@ -24,12 +23,16 @@ through this protocol, so none of them branches on a method name:
   reloaded model (:meth:`~QuantMethod.prepare_loaded`) and says how many bytes it really holds
   (:meth:`~QuantMethod.model_size_bytes`). See :func:`prepare_loaded` and :func:`model_size_mb`.
 
-A calibrated method (GPTQ, AWQ, AutoRound) adds its calibration fields to ``QuantizeConfig``
-(as prune's ``calibration`` / ``calibration_samples`` / ``calibration_seqlen``), lists them in
-its ``params`` (other families then refuse them), draws its windows with ``cfg.seed`` in
-``quantize`` and says what it used in ``Quantized.calibration``. A packed format with its own
-runtime (compressed-tensors, AWQ, HQQ) names its ``quant_method`` in ``formats`` and does what
-its reload needs in ``prepare_loaded``.
+A calibrated method (GPTQ, AWQ, AutoRound) lists ``calibration`` / ``calibration_samples`` /
+``calibration_seqlen`` in its ``params`` (other families then refuse them), draws its windows
+once through ``QuantContext.calibration`` (seeded, logged as params and a dataset input) and says
+what it used in ``Quantized.calibration`` (report.md's calibration lines). A packed format
+(compressed-tensors, auto-round, hqq) writes its own checkpoint into ``QuantContext.workdir`` and
+returns it as ``Quantized.saved`` (logged as written), names its ``quant_method`` in ``formats``,
+counts its real bytes in ``model_size_bytes`` and, where ``from_pretrained`` cannot read it,
+loads it in ``load_dir``. ``serving`` names the runtimes that serve what a family stores.
+``common`` holds what the packed methods share (one meaning of w_bits / group_size / scheme /
+modules, install hints, sizes of a checkpoint folder).
 
 No torch, transformers or MLflow here: listing the methods (``mlproject --help``) must stay
 instant, so method modules import their libraries inside functions too.
@@ -50,6 +53,9 @@ from mlproject.errors import UserError
 METHODS: dict[str, str] = {
     "rtn": "mlproject.compression.methods.rtn:RTN",
     "bitsandbytes": "mlproject.compression.methods.bnb:BNB",
+    "llmcompressor": "mlproject.compression.methods.llmcompressor:LLMCOMPRESSOR",
+    "autoround": "mlproject.compression.methods.autoround:AUTOROUND",
+    "hqq": "mlproject.compression.methods.hqq:HQQ",
 }
 
 MB = 1024**2  # 2^20 bytes, as everywhere in compression/
@@ -66,6 +72,13 @@ class QuantContext:
     """``load(quantization_config=None) -> LoadedModel``: the input as one plain model (a PEFT
     adapter merged in float first); with a transformers ``quantization_config`` it is quantized
     while loading."""
+    workdir: Any = None  # a folder the step removes after the run: where a packed method writes its checkpoint
+    calibration: Callable[..., Any] | None = None
+    """``calibration(tokenizer) -> LongTensor [n, seqlen]``: the calibration windows (``calibration``,
+    ``calibration_samples``, ``calibration_seqlen`` at ``seed``), logged as the run's params and
+    dataset input; a calibrated method calls it once."""
+    reload: Callable[..., Any] | None = None
+    """``reload(folder) -> LoadedModel``: a checkpoint the method wrote, loaded as the next step would."""
 
 
 @dataclass
@@ -82,7 +95,11 @@ class Quantized:
     report: list[str] = field(default_factory=list)  # paragraphs opening report.md's Quantization section
     note: str = ""  # the run description's line about the method
     headline: str = ""  # appended to "quantize · <model> · <method>" in the description
-    calibration: str = "N/A (calibration-free)"  # report.md's calibration entry
+    calibration: dict[str, Any] = field(default_factory=dict)
+    """report.md's calibration lines: ``dataset``, ``samples``, ``seqlen`` (empty: N/A, calibration-free)."""
+    saved: Any = None
+    """The folder holding the checkpoint in the method's own format (config + weights), logged as
+    the run's model as written; None: the step saves the model with ``save_pretrained``."""
 
 
 class QuantMethod:
@@ -97,6 +114,8 @@ class QuantMethod:
     help: str = ""  # its part of the `method` parameter's help, naming every one of `names`
     params: tuple[str, ...] = ()  # the QuantizeConfig fields it reads (other families refuse them)
     formats: tuple[str, ...] = ()  # `quantization_config.quant_method` of the checkpoints it writes
+    serving: str = ""  # the runtimes that serve what it stores (tag mlproject.quant.serving, report.md)
+    no_lora: str = ""  # why peft cannot put LoRA layers on what it stores ("": it can)
 
     # -- before any run or weights -----------------------------------------------------------
     def validate(self, cfg) -> None:
@@ -136,7 +155,10 @@ class QuantMethod:
         """Run tags (their names from :mod:`mlproject.tracking.names`)."""
         from mlproject.tracking import names
 
-        return {names.QUANT_METHOD_TAG: cfg.method, names.QUANT_SIMULATED_TAG: str(self.simulated(cfg)).lower()}
+        tags = {names.QUANT_METHOD_TAG: cfg.method, names.QUANT_SIMULATED_TAG: str(self.simulated(cfg)).lower()}
+        if self.serving:
+            tags[names.QUANT_SERVING_TAG] = self.serving
+        return tags
 
     def run_name_suffix(self, cfg) -> str:
         """Appended to the default run name ``quantize:<model>:<method>``."""
@@ -153,6 +175,11 @@ class QuantMethod:
     def model_size_bytes(self, model) -> int:
         """The real bytes the model holds."""
         return tensor_bytes(model)
+
+    def load_dir(self, folder, dtype, device: str):
+        """Load a checkpoint folder in one of ``formats`` that ``from_pretrained`` cannot read
+        (HQQ's own files); None: ``from_pretrained`` loads it."""
+        return None
 
 
 @lru_cache(maxsize=None)
@@ -252,6 +279,40 @@ def prepare_loaded(model, device: str) -> bool:
         return False
     fam.prepare_loaded(model, device)
     return True
+
+
+def load_dir(folder, dtype, device: str):
+    """A checkpoint folder loaded by the family that wrote it, when ``from_pretrained`` cannot
+    (its config.json's ``quant_method`` names the format); None otherwise."""
+    import json
+    from pathlib import Path
+
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        return None
+    qc = json.loads(config.read_text()).get("quantization_config") or {}
+    kind = qc.get("quant_method") if isinstance(qc, dict) else None
+    fam = next((f for f in families() if kind and kind in f.formats), None)
+    return None if fam is None else fam.load_dir(Path(folder), dtype, device)
+
+
+def finetune_refusal(config, finetuning: str) -> str | None:
+    """Why a model whose transformers ``config`` declares a packed format cannot be fine-tuned
+    ``finetuning`` (lora / qlora / full); None when it can, or when it is a float model."""
+    qc = getattr(config, "quantization_config", None)
+    if not qc:
+        return None
+    kind = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    kind = str(getattr(kind, "value", kind))
+    fam = next((f for f in families() if kind in f.formats), None)
+    if fam is None or kind == "bitsandbytes":
+        return None  # bitsandbytes: the finetune step's own QLoRA checks decide
+    if finetuning == "full":
+        return f"finetuning=full cannot train a {kind} checkpoint's packed weights; use finetuning=lora"
+    if finetuning == "qlora":
+        return (f"finetuning=qlora quantizes a float base to NF4, and this model is already {kind}; "
+                "use finetuning=lora (LoRA on the packed model)")
+    return f"finetuning=lora on a {kind} checkpoint: {fam.no_lora}" if fam.no_lora else None
 
 
 def tensor_bytes(model) -> int:

@@ -20,6 +20,7 @@ class BitsAndBytesMethod(QuantMethod):
     names = bnb.BNB_METHODS
     help = "bnb-nf4, bnb-fp4 or bnb-int8 (real bitsandbytes layers via BitsAndBytesConfig)"
     formats = ("bitsandbytes",)
+    serving = "transformers with bitsandbytes; vLLM (quantization=bitsandbytes, 4-bit)"
 
     @staticmethod
     def bits(cfg) -> int:

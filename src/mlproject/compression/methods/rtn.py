@@ -19,6 +19,7 @@ class RTNMethod(QuantMethod):
     names = ("rtn",)
     help = "rtn (simulated: weights rounded to the grid, stored dequantized)"
     params = ("w_bits", "group_size", "scheme", "granularity", "modules")
+    serving = "any transformers runtime, as a float checkpoint (stored dequantized: not smaller)"
 
     def settings(self, cfg) -> rtn.RTNConfig:
         """The library's settings; building them is its validation (bits, scheme, granularity, group size)."""

@@ -71,6 +71,44 @@ def load_input(ref: ModelRef, *, dtype: str, device: str, adapter: str,
     return loaded
 
 
+def calibration_ids(tokenizer, text: str, samples: int, seqlen: int, seed: int):
+    """[n, seqlen] token windows at seeded random offsets (GPTQ/Wanda style); fewer, or one
+    shorter window, when the text is short."""
+    import torch
+
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    if ids.numel() < 2:
+        raise UserError("the calibration text has fewer than 2 tokens")
+    if ids.numel() <= seqlen:
+        return ids[None, :]
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen + 1, (samples,), generator=gen)
+    return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
+
+
+def calibration_spec(calibration: str, tokenizer, ids) -> dict:
+    """The calibration windows as a dataset spec for the run's inputs (context ``calibration``)."""
+    from mlproject.evaluation.perplexity import text_path
+
+    source = ({"kind": "hf", "path": "wikitext", "config_name": "wikitext-2-raw-v1", "split": "test"}
+              if calibration == "wikitext2" else {"kind": "file", "path": str(text_path(calibration))})
+    rows = [{"window": i, "text": t} for i, t in enumerate(tokenizer.batch_decode(ids))]
+    return {"name": f"calibration {calibration} ({ids.shape[0]} × {ids.shape[1]} tokens)", "context": "calibration",
+            "source": source, "rows": rows}
+
+
+def calibrate(run: tracking.Run, tokenizer, calibration: str, samples: int, seqlen: int, seed: int):
+    """Draw the calibration windows of ``calibration`` and record them on the run: the params
+    ``calibration.sequences`` / ``calibration.seqlen`` (what was really drawn) and a dataset input."""
+    from mlproject.evaluation.perplexity import load_text
+
+    ids = calibration_ids(tokenizer, load_text(calibration), samples, seqlen, seed)
+    # (a key containing "token" would be redacted as a secret by tracking)
+    run.log_params({"calibration.sequences": ids.shape[0], "calibration.seqlen": ids.shape[1]})
+    run.log_datasets([calibration_spec(calibration, tokenizer, ids)])
+    return ids
+
+
 def _is_peft(model) -> bool:
     return any(c.__name__ == "PeftModel" for c in type(model).__mro__)
 

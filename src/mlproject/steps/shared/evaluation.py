@@ -6,6 +6,8 @@ measures the same way."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from mlproject import tracking
 from mlproject.evaluation.engine import EvalOutcome, EvalPlan, measure, scored_datasets
 from mlproject.models import loading
@@ -212,7 +214,7 @@ def report(title: str, run: tracking.Run, step: str, params: dict, plan: EvalPla
         datasets={"PPL dataset": plan.opts.ppl_dataset, "PPL windows": plan.ppl_windows_setting,
                   "lm-eval tasks": ", ".join(plan.tasks) or "none",
                   "limit": plan.limit if plan.limit is not None else "all",
-                  "calibration": params.get("calibration", "N/A")},
+                  **calibration_lines(params.get("calibration"))},
         parameters=params,
         ppl=out.ppl,
         ppl_windows_total=out.ppl_available or None,
@@ -223,6 +225,18 @@ def report(title: str, run: tracking.Run, step: str, params: dict, plan: EvalPla
         environment=json.loads(json.dumps(env, default=str)),
         extra_sections=extra_sections,
     )
+
+
+def calibration_lines(calibration) -> dict[str, Any]:
+    """report.md's calibration lines (dataset, samples, sequence length), as the reference run
+    reports have them; N/A for a calibration-free step. ``calibration``: a dict with ``dataset``,
+    ``samples``, ``seqlen``, or None / a string saying why there is none."""
+    if not isinstance(calibration, dict) or not calibration:
+        why = calibration if isinstance(calibration, str) and calibration else "N/A"
+        return {"calibration dataset": why, "calibration samples": "N/A", "calibration sequence length": "N/A"}
+    return {"calibration dataset": calibration.get("dataset", "N/A"),
+            "calibration samples": calibration.get("samples", "N/A"),
+            "calibration sequence length": calibration.get("seqlen", "N/A")}
 
 
 def kl_section(plan: EvalPlan, out: EvalOutcome, run: tracking.Run) -> str:

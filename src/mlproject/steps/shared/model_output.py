@@ -25,15 +25,22 @@ def gguf_caveat(loaded: loading.LoadedModel) -> str:
             "comparable with published 4-bit figures.")
 
 
-def log_model(run: tracking.Run, loaded: loading.LoadedModel, ref: ModelRef, step: str = "") -> str:
+def log_model(run: tracking.Run, loaded: loading.LoadedModel, ref: ModelRef, step: str = "",
+              saved: Path | None = None) -> str:
     """Save the (compressed) model with its lineage and log it as the run's MLflow model `model`
-    (transformers flavor; fetched by the next step as ``runs:/<run_id>/model``)."""
+    (transformers flavor; fetched by the next step as ``runs:/<run_id>/model``). ``saved``: a folder
+    already holding the checkpoint in its method's own format (packed quantization), logged as
+    written with the tokenizer and lineage added."""
     upstream = ref.target if ref.kind == "local" else ref.raw
+    meta = dict(base_model=loaded.base_model, family=loaded.family, instruct=loaded.instruct, run_id=run.run_id,
+                kind="full", upstream=upstream)
     with tempfile.TemporaryDirectory(prefix="mlproject-model-") as tmp:
-        out = loading.save_model_dir(
-            loaded.model, loaded.tokenizer, Path(tmp) / "model", base_model=loaded.base_model,
-            family=loaded.family, instruct=loaded.instruct, run_id=run.run_id, kind="full", upstream=upstream,
-        )
+        if saved is not None:
+            out = Path(saved)
+            loaded.tokenizer.save_pretrained(out)
+            loading.write_meta(out, **meta)
+        else:
+            out = loading.save_model_dir(loaded.model, loaded.tokenizer, Path(tmp) / "model", **meta)
         flavor = loading.mlflow_flavor(loaded.model, loaded.tokenizer, out, source=source_model(loaded))
         run.log_model_dir(out, "model", flavor=flavor, tags=model_tags(loaded, step, upstream))
     return run.model_uri("model")
