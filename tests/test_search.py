@@ -445,7 +445,8 @@ def test_shipped_space_loads_and_dry_runs_offline(path, tmp_path, mlflow_uri, ti
     overrides = [f"model={tiny_dirs['llama']}", "tasks=mlp_nonce", f"ppl_dataset={ppl_text_file}", "seqlen=32"]
     overrides += [f"{n}.dataset=offline:sft_mlp_nonce" for n in shipped.steps
                   if shipped.pipe.steps[n].step == "finetune"]
-    overrides += [f"{n}.calibration=offline" for n in shipped.steps if shipped.pipe.steps[n].step == "prune"]
+    overrides += [f"{n}.calibration=offline" for n in shipped.steps
+                  if shipped.pipe.steps[n].step in ("prune", "quantize")]
     monkeypatch.chdir(ROOT)
     LoadCounter(monkeypatch)
     assert cli.main(["search", str(path), "--dry-run", "--set", " ".join(overrides), "--tracking-uri", mlflow_uri,

@@ -21,6 +21,8 @@ class PipelineConfig(RunOptions):
     dry_run: bool = param(False, "print the resolved steps, their keys and what would be reused; run nothing")
     no_reuse: bool = param(False, "recompute every step, even those whose result exists")
     rerun: str = param("", "comma list of steps to recompute, with every step that depends on them", empty="none")
+    skip: str = param("", "comma list of steps to leave out, with every step that uses their model; their "
+                      "${step.run_id} entries drop out of comma lists (e.g. a compare step's runs)", empty="none")
 
     def __post_init__(self):
         coerce_fields(self)

@@ -158,7 +158,7 @@ def _experiment(cfg: PipelineConfig, pipe: pspec.Pipeline) -> tuple[str, str | N
 
 
 def run(cfg: PipelineConfig, parent: tracking.Run | None = None) -> StepResult:
-    pipe = pspec.load(cfg.pipeline, cfg.set)
+    pipe = pspec.load(cfg.pipeline, cfg.set, skip=cfg.skip)
     if parent is None:
         tracking.check_server(cfg.tracking_uri or None)
     experiment, exp_id = (tracking.experiment_name(parent.experiment_id), parent.experiment_id) if parent \

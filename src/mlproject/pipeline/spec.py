@@ -116,6 +116,10 @@ class Pipeline:
         step = self.steps[name]
         fields = field_names(step.info)
         merged = {k: v for k, v in self.params.items() if k in fields and k not in PER_PIPELINE}
+        narrow = getattr(step.info.config_class(), "pipeline_fields", None)
+        if narrow is not None:  # e.g. quantize: only the fields its method reads
+            allowed = narrow({**merged, **step.values})
+            merged = {k: v for k, v in merged.items() if k in allowed}
         merged.update(step.values)
         return merged
 
@@ -214,10 +218,46 @@ def read_yaml(path: Path, kind: str = "pipeline") -> Any:
         raise UserError(f"{kind} {path}{where}: malformed YAML ({getattr(exc, 'problem', exc)})") from None
 
 
-def load(pipeline: str, overrides: str | list[str] = "") -> Pipeline:
-    """Read, override and check a pipeline file (see the module docstring)."""
+def load(pipeline: str, overrides: str | list[str] = "", skip: str = "") -> Pipeline:
+    """Read, override and check a pipeline file (see the module docstring), leaving out ``skip``."""
     path = resolve_path(pipeline)
-    return parse(read_yaml(path), str(path), overrides)
+    pipe = parse(read_yaml(path), str(path), overrides)
+    if skip and skip != "none":
+        skip_steps(pipe, [s.strip() for s in skip.split(",") if s.strip()])
+    return pipe
+
+
+def skip_steps(pipe: Pipeline, names: list[str]) -> set[str]:
+    """Leave out ``names`` and every step that still refers to one of them once each
+    ``${<skipped>.run_id}`` entry of a comma list (a compare step's ``runs``) is dropped; an
+    ``after`` on a skipped step is dropped too. Returns every step left out."""
+    for name in names:
+        if name not in pipe.steps:
+            raise UserError(f"skip {name!r}: the pipeline has no step {name!r}{_suggest(name, pipe.steps)}; "
+                            f"steps: {', '.join(pipe.steps)}")
+    gone = set(names)
+    changed = True
+    while changed:
+        changed = False
+        for name, step in pipe.steps.items():
+            if name in gone:
+                continue
+            for key, value in step.values.items():
+                if not isinstance(value, str):
+                    continue
+                items = [i for i in value.split(",")
+                         if not (m := _REF.fullmatch(i.strip())) or not m.group(1).endswith(".run_id")
+                         or m.group(1).split(".")[0] not in gone]
+                step.values[key] = ",".join(items)
+            step.after = [a for a in step.after if a not in gone]
+            if any(dep in gone for dep in pipe.dependencies(name)):
+                gone.add(name)
+                changed = True
+    for name in gone:
+        del pipe.steps[name]
+    if not pipe.steps:
+        raise UserError(f"skip {','.join(names)}: no step of pipeline {pipe.path} is left")
+    return gone
 
 
 def parse(raw: Any, path: str = "<pipeline>", overrides: str | list[str] = "") -> Pipeline:
