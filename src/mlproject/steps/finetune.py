@@ -69,6 +69,7 @@ from pathlib import Path
 from typing import Any
 
 from mlproject import distributed, tracking
+from mlproject.compression import methods as quant_methods
 from mlproject.config import FinetuneStepConfig
 from mlproject.errors import UserError
 from mlproject.models import loading
@@ -264,6 +265,10 @@ def check(cfg: FinetuneStepConfig, parent: tracking.Run | None = None, pending: 
         if importlib.util.find_spec("bitsandbytes") is None:
             raise UserError("finetuning=qlora needs bitsandbytes: pip install bitsandbytes")
     checks.check_tracking(cfg.tracking_uri, ref, cfg.adapter, parent=parent, pending=pending)
+    config = None if ref.run_id in pending else loading.peek_config(ref, fetch=tracking.download)
+    why = quant_methods.finetune_refusal(config, cfg.finetuning) if config is not None else None
+    if why:  # a packed checkpoint (gptq, autoround, hqq …): what LoRA can and cannot train on
+        raise UserError(f"model {cfg.model!r}: {why}")
     if cfg.finetuning == "full":  # weights, gradients and two Adam moments
         per, purpose = 4 * dtype.itemsize, "fine-tune every weight (weights, gradients, Adam states)"
     else:

@@ -56,14 +56,14 @@ def is_4bit(model: Any) -> bool:
     return bool(getattr(base, "is_loaded_in_4bit", False))
 
 
-def lora_config(cfg: "FinetuneConfig"):
+def lora_config(cfg: "FinetuneConfig", targets: list[str] | None = None):
     from peft import LoraConfig, TaskType
 
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules_value,
+        target_modules=targets if targets is not None else cfg.target_modules_value,
         bias="none",
         task_type=TaskType.CAUSAL_LM,
     )
@@ -101,9 +101,28 @@ def prepare_model(model: Any, cfg: "FinetuneConfig") -> Any:
         raise UserError(f"target_modules={cfg.target_modules!r}: LoRA on lm_head is not supported")
     torch.manual_seed(cfg.seed)  # LoRA A is randomly initialised
     try:
-        return get_peft_model(model, lora_config(cfg))
+        return get_peft_model(model, lora_config(cfg, packed_targets(model, cfg)))
     except ValueError as exc:  # e.g. target_modules naming modules the model lacks
         raise UserError(f"cannot apply LoRA (target_modules={cfg.target_modules!r}): {exc}") from exc
+
+
+# Packed linear layers peft puts LoRA on (its own dispatchers) but its "all-linear" does not list.
+PACKED_LINEARS = ("HQQLinear",)
+
+
+def packed_targets(model: Any, cfg: "FinetuneConfig") -> list[str] | None:
+    """``all-linear`` spelled out as layer names when the base holds packed layers (an HQQ
+    checkpoint): peft's ``all-linear`` counts only ``nn.Linear``; None otherwise."""
+    import torch
+
+    if cfg.target_modules_value != "all-linear":
+        return None
+    mods = dict(model.named_modules())
+    if not any(type(m).__name__ in PACKED_LINEARS for m in mods.values()):
+        return None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return sorted({name.rsplit(".", 1)[-1] for name, m in mods.items()
+                   if (isinstance(m, torch.nn.Linear) or type(m).__name__ in PACKED_LINEARS) and m is not head})
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
