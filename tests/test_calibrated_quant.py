@@ -19,7 +19,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -63,15 +62,15 @@ def settings(method: str, **kw) -> dict:
     return {**base, **kw}
 
 
-def in_process(method: str, model_dir: Path, text_file: Path, **kw):
-    """Quantize through the method's own hooks, without a run: (Quantized, calibration ids, workdir)."""
+def in_process(method: str, model_dir: Path, text_file: Path, workdir: Path, **kw):
+    """Quantize through the method's own hooks, without a run, writing into ``workdir``:
+    (Quantized, calibration ids, config)."""
     if method in ("gptq", "awq"):
         need_llmcompressor()
     calib = {} if method == "hqq" else {"calibration": str(text_file)}
     cfg = QuantizeConfig(model=str(model_dir), method=method, dtype="float32", device="cpu",
                          **calib, **settings(method, **kw))
     ref = resolve(str(model_dir))
-    workdir = Path(tempfile.mkdtemp(prefix="quant-test-"))
     drawn = {}
 
     def calibration(tok):
@@ -129,8 +128,8 @@ def rtn_model(model_dir: Path, cfg):
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("method", CALIBRATED)
-def test_calibrated_layer_outputs_are_at_most_rtns_error(method, arch, tiny_dirs, ppl_text_file):
-    out, ids, cfg = in_process(method, tiny_dirs[arch], ppl_text_file)
+def test_calibrated_layer_outputs_are_at_most_rtns_error(method, arch, tiny_dirs, ppl_text_file, tmp_path):
+    out, ids, cfg = in_process(method, tiny_dirs[arch], ppl_text_file, tmp_path)
     assert ids is not None and tuple(ids.shape) == (8, 32)  # the windows the method was given
     flo = loading.load_model(resolve(str(tiny_dirs[arch])), dtype="float32", device="cpu").model
     names = common.selected(flo, "all-linear")
@@ -144,9 +143,10 @@ def test_calibrated_layer_outputs_are_at_most_rtns_error(method, arch, tiny_dirs
 
 # ------------------------------------------------------------------ the packed checkpoint
 
-@pytest.mark.parametrize("method", ["gptq", "autoround", "hqq"])
-def test_the_checkpoint_reloads_to_the_in_process_logits(method, tiny_dirs, ppl_text_file):
-    out, _, cfg = in_process(method, tiny_dirs["llama"], ppl_text_file)
+# (autoround's step scores the checkpoint as reloaded: its in-process model is that reload)
+@pytest.mark.parametrize("method", ["gptq", "hqq"])
+def test_the_checkpoint_reloads_to_the_in_process_logits(method, tiny_dirs, ppl_text_file, tmp_path):
+    out, _, cfg = in_process(method, tiny_dirs["llama"], ppl_text_file, tmp_path)
     ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         before = out.loaded.model(ids).logits
@@ -155,7 +155,7 @@ def test_the_checkpoint_reloads_to_the_in_process_logits(method, tiny_dirs, ppl_
     with torch.no_grad():
         after = back.model(ids).logits
     assert torch.equal(before, after.to(before.dtype))
-    fmt = {"gptq": "compressed-tensors", "autoround": "auto-round", "hqq": "hqq"}[method]
+    fmt = {"gptq": "compressed-tensors", "hqq": "hqq"}[method]
     assert quant_methods.checkpoint_format(back.model) == fmt
     assert json.loads((out.saved / "config.json").read_text())["quantization_config"]["quant_method"] == fmt
     # the checkpoint holds packed codes: far smaller than the float input's 0.44 MB
@@ -167,10 +167,10 @@ def test_the_checkpoint_reloads_to_the_in_process_logits(method, tiny_dirs, ppl_
 
 
 @pytest.mark.parametrize("method", ["gptq", "autoround", "hqq"])
-def test_stored_bytes_shrink_with_the_bits(method, tiny_dirs, ppl_text_file):
+def test_stored_bytes_shrink_with_the_bits(method, tiny_dirs, ppl_text_file, tmp_path):
     sizes, bits = [], []
     for w in (2, 4, 8):
-        out, _, _ = in_process(method, tiny_dirs["qwen2"], ppl_text_file, w_bits=w)
+        out, _, _ = in_process(method, tiny_dirs["qwen2"], ppl_text_file, tmp_path / f"w{w}", w_bits=w)
         sizes.append(out.metrics["model_size_mb"])
         bits.append(out.metrics["effective_bits"])
     assert sizes[0] < sizes[1] < sizes[2], sizes
@@ -233,6 +233,8 @@ def test_the_step_records_calibration_and_the_packed_model(method, mlflow_uri, t
     (["--method", "hqq", "--calibration-seqlen", "64"], "calibration_seqlen=64 applies to method=gptq/awq/autoround"),
     (["--method", "rtn", "--iters", "5"], "iters=5 applies to method=autoround only"),
     (["--method", "autoround", "--iters", "-1"], "iters=-1"),
+    (["--method", "autoround", "--w-bits", "8", "--scheme", "asymmetric"], "does not serve 8-bit asymmetric"),
+    (["--method", "hqq", "--modules", "layers.0."], "hqq quantizes layers by type"),
 ])
 def test_bad_settings_exit_2_before_a_run(argv, needle, mlflow_uri, tiny_dirs, capsys, monkeypatch):
     exp = "bad-calib-" + "-".join(a.strip("-/") for a in argv)[-50:].replace("/", "_")
@@ -262,6 +264,17 @@ def test_awq_on_a_cpu_only_torch_is_refused(mlflow_uri, tiny_dirs, capsys, monke
                      "method=awq needs a CUDA device", mlflow_uri, "awq-cpu", capsys, monkeypatch)
 
 
+@pytest.mark.parametrize("method", ["autoround", "hqq", "gptq"])
+def test_a_packed_method_refuses_a_non_uniformly_pruned_input(method, tiny_dirs):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_dirs["llama"])
+    config.pruned_layer_sizes = [{"intermediate_size": 96}, {"intermediate_size": 128}]
+    cfg = QuantizeConfig(method=method, group_size=32)
+    with pytest.raises(UserError, match=f"^method={method}: the input is a non-uniformly pruned checkpoint"):
+        quant_methods.get(method).check_model(cfg, config, lambda: None)
+
+
 def test_awq_refuses_an_architecture_llm_compressor_cannot_map():
     need_llmcompressor()
     from transformers import GPT2Config
@@ -288,10 +301,12 @@ def test_pipeline_wide_values_reach_only_the_methods_that_read_them(tmp_path):
     assert gone == {"a"} and pipe.values("c")["runs"] == "${r.run_id},${h.run_id},${n.run_id}"
     with pytest.raises(UserError, match=r"^skip 'zz': the pipeline has no step 'zz'"):
         spec.skip_steps(pipe, ["zz"])
-    # a step that takes a skipped step's model goes too
+    # a step that takes a skipped step's model goes too, and one whose only reference was skipped
     raw["steps"]["e"] = {"step": "evaluate", "model": "${h.model_uri}"}
+    raw["steps"]["v"] = {"step": "compare", "runs": "${r.run_id},${n.run_id}", "baseline": "${n.run_id}"}
     pipe = spec.parse(raw)
     assert spec.skip_steps(pipe, ["h"]) == {"h", "e"} and "e" not in pipe.steps
+    assert spec.skip_steps(pipe, ["n"]) == {"n", "v"} and pipe.values("c")["runs"] == "${r.run_id},${a.run_id}"
 
 
 # ------------------------------------------------------------------ on a GPU
@@ -304,10 +319,13 @@ def test_calibrated_methods_on_cuda(method, mlflow_uri, tiny_dirs, ppl_text_file
         need_llmcompressor()
     result = run_quantize(mlflow_uri, tiny_dirs["llama"], ppl_text_file, method=method, device="cuda",
                           calibration=str(ppl_text_file), **settings(method))
-    m = mlflow_client(mlflow_uri).get_run(result.run_id).data.metrics
+    run = mlflow_client(mlflow_uri).get_run(result.run_id)
+    m = run.data.metrics
+    assert run.data.params["device"].startswith("cuda") and "peak_vram_mb" in m
     assert m["model_size_mb"] < 0.6 * m["model_size_mb_before"] and m["ppl/sample"] > 1
     back = loading.load_model(resolve(result.model_uri), fetch=tracking.download, device="cuda").model
     assert quant_methods.model_size_mb(back) < 0.6 * m["model_size_mb_before"]
+    assert all(t.device.type == "cuda" for t in back.parameters())  # loaded onto the GPU, not left on CPU
 
 
 # ------------------------------------------------------------------ fine-tuning on the packed model

@@ -70,6 +70,11 @@ class EvaluateConfig(LaunchOptions, CodeEvalOptions, EvalOptions, ModelOptions, 
 
 
 EVALUATE_RESULT_HELP = "evaluate the step's output model (PPL + tasks) in the same run"
+# Calibration, shared by prune (importance=activation) and quantize (gptq, awq, autoround).
+CALIBRATION_HELP = ("calibration text (prune importance=activation; quantize gptq/awq/autoround): offline (the "
+                    "bundled PPL text), wikitext2 (hub) or a .txt path")
+CALIBRATION_SAMPLES_HELP = "calibration sequences: random windows of the calibration text, drawn with seed"
+CALIBRATION_SEQLEN_HELP = "tokens per calibration sequence"
 
 
 def _field_default(cls, name: str) -> Any:
@@ -91,10 +96,10 @@ class QuantizeConfig(EvalOptions, ModelOptions, RunOptions):
     granularity: str = param("per_group", "rtn: per_group (one scale per group_size columns) or per_channel (per row)")
     modules: str = param("all-linear", "layers quantized: all-linear (every nn.Linear but the LM head) or a comma "
                          "list of layer-name substrings, e.g. q_proj,k_proj")
-    calibration: str = param("offline", "gptq/awq/autoround: calibration text: offline (the bundled PPL text), "
-                             "wikitext2 (hub) or a .txt path")
-    calibration_samples: int = param(128, "gptq/awq/autoround: calibration sequences (random windows of the text)")
-    calibration_seqlen: int = param(512, "gptq/awq/autoround: tokens per calibration sequence")
+    # the calibration fields mean what prune's mean (one help text each); the defaults are GPTQ's usual amount
+    calibration: str = param("offline", CALIBRATION_HELP)
+    calibration_samples: int = param(128, CALIBRATION_SAMPLES_HELP)
+    calibration_seqlen: int = param(512, CALIBRATION_SEQLEN_HELP)
     iters: int = param(200, "autoround: signed-gradient steps per decoder block (0 = RTN on AutoRound's grid)")
     evaluate: bool = param(True, EVALUATE_RESULT_HELP)
 
@@ -134,10 +139,9 @@ class PruneStepConfig(EvalOptions, ModelOptions, RunOptions):
     importance: str = param("activation", "activation (Wanda-style |W|·‖X‖ over the calibration text) or "
                             "magnitude (L2 norm of a unit's weights; no calibration, but collapses small LLMs)")
     targets: str = param("mlp", "what to remove: mlp (intermediate channels), heads (whole KV groups) or both")
-    calibration: str = param("offline", "importance=activation: calibration text: offline (the bundled PPL text), "
-                             "wikitext2 or a .txt path")
-    calibration_samples: int = param(8, "importance=activation: calibration sequences (random windows of the text)")
-    calibration_seqlen: int = param(256, "importance=activation: tokens per calibration sequence")
+    calibration: str = param("offline", CALIBRATION_HELP)
+    calibration_samples: int = param(8, CALIBRATION_SAMPLES_HELP)
+    calibration_seqlen: int = param(256, CALIBRATION_SEQLEN_HELP)
     keep_layers: int = param(0, "leave the first and last N decoder layers unpruned (N > 0: non-uniform sizes)")
     evaluate: bool = param(True, EVALUATE_RESULT_HELP)
 

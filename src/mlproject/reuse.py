@@ -35,7 +35,9 @@ from typing import Any, Callable
 #: ``nproc`` asks for processes; a step whose result depends on how many ran (finetune: the
 #: effective batch) puts the world size of the launch in the key itself.
 NOT_IN_KEY = frozenset({"experiment", "run_name", "tracking_uri", "resume", "output_dir", "save_steps", "nproc"})
-LIBRARIES = ("torch", "transformers", "lm_eval", "peft", "trl", "bitsandbytes")
+# the libraries whose version can change a result (quantization kernels and formats included)
+LIBRARIES = ("torch", "transformers", "lm_eval", "peft", "trl", "bitsandbytes", "auto_round", "hqq", "llmcompressor",
+             "compressed_tensors")
 KEY_LENGTH = 24
 
 _RUN_REF = re.compile(r"runs:/([0-9a-f]{8,64})(?=/|$)")

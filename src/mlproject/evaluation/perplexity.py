@@ -70,13 +70,15 @@ def hub_source(spec: str) -> tuple[str, str] | None:
     return HUB_TEXTS.get(spec)
 
 
-def load_text(spec: str) -> str:
+def load_text(spec: str, split: str = "test") -> str:
+    """A PPL or calibration text: the bundled one, a file, or a hub text's ``split`` (PPL scores
+    the test split; calibration reads the train split, so the two never share text)."""
     if spec == "offline":
         return text_path(spec).read_text()
     if spec in HUB_TEXTS:
         from datasets import load_dataset
 
-        rows = load_dataset(*HUB_TEXTS[spec], split="test")
+        rows = load_dataset(*HUB_TEXTS[spec], split=split)
         return "\n\n".join(rows["text"])
     return Path(spec).expanduser().read_text()
 

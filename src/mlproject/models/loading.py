@@ -210,6 +210,11 @@ def load_model(
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
         kwargs["device_map"] = {"": device}
+    elif local is not None:
+        from mlproject.compression import methods as quant_methods
+
+        if quant_methods.placed_on_load(local):  # a packed checkpoint picks its kernels for the device it loads on
+            kwargs["device_map"] = {"": device}
     log.info("loading %s (%s, %s) from %s", ref.raw, device, torch_dtype, source)
     from mlproject.progress import phase, route_tqdm
 

@@ -243,12 +243,13 @@ def skip_steps(pipe: Pipeline, names: list[str]) -> set[str]:
             if name in gone:
                 continue
             for key, value in step.values.items():
-                if not isinstance(value, str):
-                    continue
+                if not isinstance(value, str) or "," not in value:
+                    continue  # a single reference to a skipped step takes its step out below
                 items = [i for i in value.split(",")
                          if not (m := _REF.fullmatch(i.strip())) or not m.group(1).endswith(".run_id")
                          or m.group(1).split(".")[0] not in gone]
-                step.values[key] = ",".join(items)
+                if items:
+                    step.values[key] = ",".join(items)
             step.after = [a for a in step.after if a not in gone]
             if any(dep in gone for dep in pipe.dependencies(name)):
                 gone.add(name)

@@ -105,8 +105,11 @@ def run(cfg: QuantizeConfig, parent: tracking.Run | None = None) -> StepResult:
         body.append(f"Quantized in {metrics['quant_seconds']:.2f} s; the model is logged as `{model_uri}`. "
                     f"Served by: {method.serving}.")
         if out.calibration and out.calibration.get("dataset") == cfg.ppl_dataset and cfg.evaluate:
-            body.append("Note: the calibration text is also the PPL text, so the PPL is slightly optimistic "
-                        "(calibration=wikitext2 or a file of your own keeps them apart).")
+            body.append("Note: the calibration text is also the PPL text, so the PPL is slightly optimistic"
+                        + (" (calibration=wikitext2 or a file of your own keeps them apart)."
+                           if cfg.calibration == "offline" else
+                           " (calibration reads WikiText-2's train split, PPL its test split)."
+                           if cfg.calibration == "wikitext2" else "."))
         caveat = model_output.gguf_caveat(loaded)
         if caveat:
             body.append(caveat)

@@ -116,6 +116,7 @@ class QuantMethod:
     formats: tuple[str, ...] = ()  # `quantization_config.quant_method` of the checkpoints it writes
     serving: str = ""  # the runtimes that serve what it stores (tag mlproject.quant.serving, report.md)
     no_lora: str = ""  # why peft cannot put LoRA layers on what it stores ("": it can)
+    placed_on_load: bool = False  # its checkpoints load onto the device through from_pretrained's device_map
 
     # -- before any run or weights -----------------------------------------------------------
     def validate(self, cfg) -> None:
@@ -281,9 +282,8 @@ def prepare_loaded(model, device: str) -> bool:
     return True
 
 
-def load_dir(folder, dtype, device: str):
-    """A checkpoint folder loaded by the family that wrote it, when ``from_pretrained`` cannot
-    (its config.json's ``quant_method`` names the format); None otherwise."""
+def folder_family(folder) -> QuantMethod | None:
+    """The family whose format a checkpoint folder's config.json declares (``quant_method``)."""
     import json
     from pathlib import Path
 
@@ -292,8 +292,23 @@ def load_dir(folder, dtype, device: str):
         return None
     qc = json.loads(config.read_text()).get("quantization_config") or {}
     kind = qc.get("quant_method") if isinstance(qc, dict) else None
-    fam = next((f for f in families() if kind and kind in f.formats), None)
+    return next((f for f in families() if kind and kind in f.formats), None)
+
+
+def load_dir(folder, dtype, device: str):
+    """A checkpoint folder loaded by the family that wrote it, when ``from_pretrained`` cannot;
+    None otherwise."""
+    from pathlib import Path
+
+    fam = folder_family(folder)
     return None if fam is None else fam.load_dir(Path(folder), dtype, device)
+
+
+def placed_on_load(folder) -> bool:
+    """True when a packed checkpoint must load straight onto its device (``device_map``): its
+    kernels are picked, and its layers placed, while loading (auto-round, compressed-tensors)."""
+    fam = folder_family(folder)
+    return bool(fam is not None and fam.placed_on_load)
 
 
 def finetune_refusal(config, finetuning: str) -> str | None:

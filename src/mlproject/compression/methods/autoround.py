@@ -32,6 +32,7 @@ class AutoRoundMethod(QuantMethod):
               "calibration_seqlen", "iters")
     formats = ("auto-round",)
     serving = SERVING
+    placed_on_load = True
     no_lora = ("peft has no LoRA layer for auto-round's packed QuantLinear; fine-tune the float model first, "
                "or quantize with method=gptq or hqq, whose checkpoints take LoRA")
 
@@ -39,6 +40,11 @@ class AutoRoundMethod(QuantMethod):
         super().validate(cfg)
         common.check_grid(cfg, BITS)
         common.check_calibration(cfg)
+        if cfg.w_bits == 8 and cfg.scheme == "asymmetric":
+            from mlproject.errors import UserError
+
+            raise UserError("w_bits=8 with scheme=asymmetric: auto-round's format does not serve 8-bit asymmetric "
+                            "weights; use scheme=symmetric (or 7 bits or fewer)")
         if isinstance(cfg.iters, bool) or not isinstance(cfg.iters, int) or cfg.iters < 0:
             from mlproject.errors import UserError
 
@@ -48,9 +54,7 @@ class AutoRoundMethod(QuantMethod):
         common.require("auto_round", "pip install 'mlproject[quant]' (or pip install auto-round)", cfg.method)
 
     def check_model(self, cfg, config, meta) -> None:
-        model = meta()
-        if model is not None:
-            common.check_layers(cfg, model)
+        common.check_input(cfg, config, meta)
 
     def run_params(self, cfg) -> dict:
         return {"w_bits": cfg.w_bits, "group_size": cfg.group_size, "scheme": cfg.scheme, "iters": cfg.iters}

@@ -67,6 +67,19 @@ def selected(model, modules: str) -> list[str]:
     return out
 
 
+def check_input(cfg, config, meta) -> list[str] | None:
+    """The pre-run checks every packed method makes on its input: a uniform architecture (a
+    non-uniformly pruned checkpoint's layers differ from its config, which a packed format's
+    loader rebuilds the model from) and, on a weightless model, the group size against every
+    selected layer. Returns the selected layer names (None when no meta model can be built)."""
+    if getattr(config, "pruned_layer_sizes", None):
+        raise UserError(f"method={cfg.method}: the input is a non-uniformly pruned checkpoint (prune keep_layers>0); "
+                        "a packed format cannot reload its differently sized layers: use method=rtn, or prune with "
+                        "keep_layers=0")
+    model = meta()
+    return check_layers(cfg, model) if model is not None else None
+
+
 def check_layers(cfg, model) -> list[str]:
     """The selected layers, after checking that ``group_size`` divides each one's in_features
     (shapes only: works on a weightless meta-device model)."""

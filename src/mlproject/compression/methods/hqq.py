@@ -49,8 +49,27 @@ class HQQMethod(QuantMethod):
 
     def check_model(self, cfg, config, meta) -> None:
         model = meta()
-        if model is not None:
-            common.check_layers(cfg, model)
+        if getattr(config, "pruned_layer_sizes", None) or model is None:
+            common.check_input(cfg, config, lambda: None)
+            return
+        self.quant_config(cfg, model, common.check_layers(cfg, model), object())
+
+    @staticmethod
+    def quant_config(cfg, model, layers: list[str], qc):
+        """hqq's ``quant_config``: ``qc`` for every layer, or, for a ``modules`` subset, a dict of
+        hqq's linear tags (a layer's type, e.g. ``self_attn.q_proj``: hqq selects by type, not by
+        index) to ``qc`` or None; refused when the tags cannot express exactly ``layers``."""
+        from hqq.models.base import name_to_linear_tag
+
+        if not common.patterns(cfg.modules):
+            return qc
+        every = common.selected(model, "all-linear")
+        tags = {name_to_linear_tag(n) for n in layers}
+        covered = [n for n in every if name_to_linear_tag(n) in tags]
+        if covered != layers:
+            raise UserError(f"modules={cfg.modules!r}: hqq quantizes layers by type (e.g. self_attn.q_proj, "
+                            "mlp.down_proj), not a subset of one type's layers; name layer types")
+        return {t: (qc if t in tags else None) for t in {name_to_linear_tag(n) for n in every}}
 
     def run_params(self, cfg) -> dict:
         return {"w_bits": cfg.w_bits, "group_size": cfg.group_size, "scheme": "asymmetric (hqq)"}
@@ -71,13 +90,14 @@ class HQQMethod(QuantMethod):
         before = tensor_bytes(model)
         params = sum(p.numel() for p in model.parameters())
         qc = BaseQuantizeConfig(nbits=cfg.w_bits, group_size=cfg.group_size)
-        pats = common.patterns(cfg.modules)
-        tags = sorted({".".join(n.split(".")[-2:]) for n in common.selected(model, "all-linear")})
-        quant_config = qc if not pats else {t: (qc if any(p in t for p in pats) else None) for t in tags}
+        quant_config = self.quant_config(cfg, model, layers, qc)
         start = time.perf_counter()
         AutoHQQHFModel.quantize_model(model, quant_config=quant_config, compute_dtype=model.dtype,
                                       device=ctx.device)
         quant_seconds = time.perf_counter() - start
+        packed = sum(type(m).__name__ == "HQQLinear" for m in model.modules())
+        if packed != len(layers):
+            raise RuntimeError(f"hqq packed {packed} layers, {len(layers)} were selected (modules={cfg.modules!r})")
         model.config.quantization_config = self.declared(cfg)
         out = Path(ctx.workdir) / "model"
         AutoHQQHFModel.save_quantized(model, str(out))

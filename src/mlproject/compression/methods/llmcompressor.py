@@ -40,6 +40,7 @@ class LLMCompressorMethod(QuantMethod):
               "calibration_seqlen")
     formats = ("compressed-tensors",)
     serving = SERVING
+    placed_on_load = True
 
     def validate(self, cfg) -> None:
         super().validate(cfg)
@@ -60,15 +61,17 @@ class LLMCompressorMethod(QuantMethod):
         if cfg.method == "awq":
             from llmcompressor.modifiers.transform.awq import mappings
 
+            try:  # architectures whose mappings llm-compressor builds at run time (Qwen3-Next, Qwen3.5 …)
+                from llmcompressor.modifiers.transform.awq import dynamic_mappings
+            except ImportError:
+                dynamic_mappings = None
             arch = (getattr(config, "architectures", None) or [type(config).__name__])[0]
             known = set(mappings.AWQ_MAPPING_REGISTRY)
-            dynamic = getattr(mappings, "AWQ_DYNAMIC_MAPPING_REGISTRY", None) or {}
+            dynamic = getattr(dynamic_mappings, "AWQ_DYNAMIC_MAPPING_REGISTRY", None) or {}
             if arch not in known and arch not in dynamic:
                 raise UserError(f"method=awq: llm-compressor has no AWQ layer mapping for {arch}; it maps "
                                 f"{', '.join(sorted(known)[:12])} …; use method=gptq")
-        model = meta()
-        if model is not None:
-            common.check_layers(cfg, model)
+        common.check_input(cfg, config, meta)
 
     def run_params(self, cfg) -> dict:
         return {"w_bits": cfg.w_bits, "group_size": cfg.group_size, "scheme": cfg.scheme}

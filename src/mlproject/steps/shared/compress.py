@@ -90,7 +90,7 @@ def calibration_spec(calibration: str, tokenizer, ids) -> dict:
     """The calibration windows as a dataset spec for the run's inputs (context ``calibration``)."""
     from mlproject.evaluation.perplexity import text_path
 
-    source = ({"kind": "hf", "path": "wikitext", "config_name": "wikitext-2-raw-v1", "split": "test"}
+    source = ({"kind": "hf", "path": "wikitext", "config_name": "wikitext-2-raw-v1", "split": "train"}
               if calibration == "wikitext2" else {"kind": "file", "path": str(text_path(calibration))})
     rows = [{"window": i, "text": t} for i, t in enumerate(tokenizer.batch_decode(ids))]
     return {"name": f"calibration {calibration} ({ids.shape[0]} × {ids.shape[1]} tokens)", "context": "calibration",
@@ -102,7 +102,8 @@ def calibrate(run: tracking.Run, tokenizer, calibration: str, samples: int, seql
     ``calibration.sequences`` / ``calibration.seqlen`` (what was really drawn) and a dataset input."""
     from mlproject.evaluation.perplexity import load_text
 
-    ids = calibration_ids(tokenizer, load_text(calibration), samples, seqlen, seed)
+    # a hub text calibrates on its train split: the PPL is scored on its test split
+    ids = calibration_ids(tokenizer, load_text(calibration, split="train"), samples, seqlen, seed)
     # (a key containing "token" would be redacted as a secret by tracking)
     run.log_params({"calibration.sequences": ids.shape[0], "calibration.seqlen": ids.shape[1]})
     run.log_datasets([calibration_spec(calibration, tokenizer, ids)])
