@@ -11,7 +11,8 @@ The checkpoint is AutoRound's own format (``auto_round``, GPTQ-style packing: in
 fp16 scales, packed zero points) that transformers reloads with auto-round installed and vLLM
 serves. ``model_size_mb`` is its bytes on disk. The step evaluates the model as reloaded from
 that checkpoint (one load of the packed, small model), so what it scores is exactly what the
-artifact holds (AutoRound's CPU kernels compute in float16).
+artifact holds. On CPU a reload is unpacked to float32 layers holding the same dequantized
+weights (:func:`unpack_on_cpu`: auto-round's CPU kernel computes in float16, ~20× slower).
 """
 
 from __future__ import annotations
@@ -103,7 +104,8 @@ class AutoRoundMethod(QuantMethod):
             f"clipping of {len(layers)} linear layers ({weights:,} weights) on {ids.shape[0]} × {ids.shape[1]} tokens "
             f"of `{cfg.calibration}`; grid {grid}. The checkpoint is AutoRound's packed format "
             f"({metrics['effective_bits']:.3f} stored bits per weight); model_size_mb is its bytes on disk, and the "
-            f"model evaluated is that checkpoint reloaded (dtype {str(reloaded.model.dtype).removeprefix('torch.')}). "
+            f"model evaluated is that checkpoint reloaded"
+            + (" and unpacked to float32 layers holding its dequantized weights (CPU). " if cpu else ". ") +
             f"Served by {SERVING}."
         )
         return Quantized(
@@ -116,9 +118,40 @@ class AutoRoundMethod(QuantMethod):
         )
 
 
+    def prepare_loaded(self, model, device: str) -> None:
+        if device == "cpu":
+            unpack_on_cpu(model)
+
     def model_size_bytes(self, model) -> int:
-        # AutoRound's CPU kernels reload the float parts in float16: the format's size is its files.
+        # On CPU the layers are unpacked to floats (prepare_loaded): the format's size is its files.
         return common.folder_size(model) or tensor_bytes(model)
+
+
+def unpack_on_cpu(model) -> int:
+    """Replace every packed auto-round layer by a float32 ``nn.Linear`` holding its dequantized
+    weights, and run the rest of the model in float32 too. auto-round's CPU kernel (torch_zp)
+    dequantizes the whole weight in float16 on every call and multiplies in float16, ~20× slower
+    than a float32 model on CPU (SmolLM2's PPL: 11 minutes for 2 of 11 windows); the weights are
+    the same numbers (``layer(I) = Wᵀ``: exact), only the arithmetic is float32. Returns the
+    number of layers unpacked. CUDA keeps auto-round's kernels."""
+    import torch
+
+    packed = [(name, mod) for name, mod in model.named_modules()
+              if hasattr(mod, "qweight") and hasattr(mod, "scales") and not isinstance(mod, torch.nn.Linear)]
+    with torch.no_grad():
+        for name, mod in packed:
+            n_in, n_out = mod.infeatures, mod.outfeatures
+            bias = getattr(mod, "bias", None)
+            eye = torch.eye(n_in, dtype=torch.float32)
+            weight = mod(eye).float() - (bias.float() if bias is not None else 0)  # [in, out] = Wᵀ
+            lin = torch.nn.Linear(n_in, n_out, bias=bias is not None, dtype=torch.float32)
+            lin.weight.copy_(weight.T)
+            if bias is not None:
+                lin.bias.copy_(bias.float())
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, lin)
+    torch.nn.Module.float(model)  # transformers refuses .float() on a quantized model; its layers are float now
+    return len(packed)
 
 
 AUTOROUND = AutoRoundMethod()
