@@ -228,4 +228,6 @@ def test_the_rtn_method_checks_layer_shapes_on_a_weightless_model():
         RTN.check_model(QuantizeConfig(), config, lambda: meta_model(config))
     assert RTN.simulated(ok) and RTN.run_name_suffix(ok) == "-w8"
     assert RTN.run_params(ok) == {"w_bits": 8, "group_size": 32, "granularity": "per_group", "scheme": "symmetric"}
-    assert RTN.tags(ok) == {"mlproject.quant.method": "rtn", "mlproject.quant.simulated": "true"}
+    assert RTN.tags(ok) == {"mlproject.quant.method": "rtn", "mlproject.quant.simulated": "true",
+                            "mlproject.quant.serving": RTN.serving}
+    assert "not smaller" in RTN.serving  # a float checkpoint: says so
