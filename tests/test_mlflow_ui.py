@@ -26,7 +26,7 @@ EXP = "ui-checks"
 def quantized(mlflow_uri, tiny_dirs, ppl_text_file):
     cfg = QuantizeConfig(model=str(tiny_dirs["llama"]), method="rtn", w_bits=8, group_size=32, tasks="mlp_nonce",
                          limit="4", batch_size="4", ppl_dataset=str(ppl_text_file), seqlen=32, experiment=EXP,
-                         tracking_uri=mlflow_uri)
+                         tracking_uri=mlflow_uri, store="weights")  # weights: MLflow's own flavor loads them
     result = quantize.run(cfg)
     return result, mlflow_client(mlflow_uri).get_run(result.run_id)
 

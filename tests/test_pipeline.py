@@ -185,12 +185,14 @@ def test_downstream_change_reuses_upstream_only(pipe_file, mlflow_uri, monkeypat
     exp = "pipe-downstream"
     assert run_cli(mlflow_uri, exp, pipe_file) == 0
     loads = LoadCounter(monkeypatch)
+    monkeypatch.setattr(loading, "LOADS", [])
     assert run_cli(mlflow_uri, exp, pipe_file, "--set", "after.seqlen=16") == 0
     kids = children(mlflow_uri, parents(mlflow_uri, exp)[-1].info.run_id)
     assert "mlproject.reused_from" in kids["base"].data.tags and "mlproject.reused_from" in kids["quant"].data.tags
     assert "mlproject.reused_from" not in kids["after"].data.tags
     assert kids["after"].data.params["ppl.seqlen"] == "16"
-    assert len(loads.calls) == 1 and loads.calls[0].startswith("runs:/")
+    # the reused quantized model asked for, its recipe re-made from the base: one checkpoint read
+    assert loads.calls[0].startswith("runs:/") and len(loads.calls) == 2 and len(loading.LOADS) == 1
 
 
 def test_upstream_change_recomputes_downstream(pipe_file, mlflow_uri, monkeypatch):

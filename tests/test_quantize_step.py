@@ -111,7 +111,7 @@ def test_bnb_nf4_real_layers(mlflow_uri, tiny_dirs, ppl_text_file):
     assert m["ppl/sample"] > 1
     reloaded = loading.load_model(resolve(result.model_uri), fetch=tracking.download)
     assert sum(isinstance(x, bnb.nn.Linear4bit) for x in reloaded.model.modules()) == 14
-    assert reloaded.meta["run_id"] == run.info.run_id and reloaded.meta["kind"] == "full"
+    assert reloaded.meta["run_id"] == run.info.run_id and reloaded.meta["kind"] == "recipe"
     ev = run_eval(mlflow_uri, result.model_uri, ppl_text_file, tasks="none")
     assert ev.ppl["sample"] == pytest.approx(m["ppl/sample"], rel=1e-4)
     ev_m = mlflow_client(mlflow_uri).get_run(ev.run_id).data.metrics

@@ -108,6 +108,10 @@ class PruneReport:
     """Per decoder layer: kept ``intermediate_size``, ``num_attention_heads``, ``num_key_value_heads``."""
     uniform: bool = True
     """All layers share one size (plain ``from_pretrained`` reloads the model)."""
+    kept: dict = field(default_factory=dict)
+    """What was kept, as index tensors: ``layers.<i>.mlp`` (MLP channels) and ``layers.<i>.kv``
+    (KV groups) of each pruned layer; :func:`apply_kept` re-applies them to the unpruned model
+    (a prune run's recipe stores them: < 1 MB at 7B)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,15 +414,18 @@ def prune_model(model, cfg: PruneConfig, calibration_ids=None, batch_size: int =
     norms = None
     if cfg.importance == "activation":
         norms = _collect_input_norms(model, pruned, cfg.targets, calibration_ids, batch_size)
+    kept = {}
     with torch.no_grad():
         for i in pruned:
             layer = layers[i]
             if c:
                 scores = _channel_scores(layer, None if norms is None else norms[(i, "mlp")])
-                _shrink_mlp(layer, _keep_top(scores, inter - c))
+                kept[f"layers.{i}.mlp"] = _keep_top(scores, inter - c)
+                _shrink_mlp(layer, kept[f"layers.{i}.mlp"])
             if g:
                 scores = _group_scores(layer, None if norms is None else norms[(i, "attn")])
-                _shrink_attn(layer, _keep_top(scores, kv - g))
+                kept[f"layers.{i}.kv"] = _keep_top(scores, kv - g)
+                _shrink_attn(layer, kept[f"layers.{i}.kv"])
     sizes = layer_sizes(model)
     uniform = _apply_sizes_to_config(model.config, sizes, pruned, head_dim)
     after = count_params(model)
@@ -426,10 +433,32 @@ def prune_model(model, cfg: PruneConfig, calibration_ids=None, batch_size: int =
         params_before=before, params_after=after, target_ratio=cfg.ratio,
         achieved_ratio=1 - after / before, pruned_layers=pruned, channels_removed=c,
         kv_groups_removed=g, layer_sizes=sizes, uniform=uniform,
+        kept={k: v.to(torch.int16 if v.numel() and int(v.max()) < 2**15 else torch.int32) for k, v in kept.items()},
     )
     log.info("pruned %d → %d parameters (ratio %.4f, target %.4f)", before, after,
              report.achieved_ratio, cfg.ratio)
     return report
+
+
+def apply_kept(model, kept: dict) -> None:
+    """Re-apply a pruning to the model it was decided on: keep the MLP channels / KV groups that
+    ``kept`` (:attr:`PruneReport.kept`) names and resize the config, as :func:`prune_model` did.
+    Index selection only: the result equals the pruned model bit for bit."""
+    import torch
+
+    _check_model(model)
+    layers = _layers(model)
+    head_dim = _attn_shape(layers[0])[2]
+    pruned = sorted({int(k.split(".")[1]) for k in kept})
+    if pruned and pruned[-1] >= len(layers):
+        raise UserError(f"the pruning names layer {pruned[-1]} but the model has {len(layers)} decoder layers")
+    with torch.no_grad():
+        for i in pruned:
+            if f"layers.{i}.mlp" in kept:
+                _shrink_mlp(layers[i], kept[f"layers.{i}.mlp"].long())
+            if f"layers.{i}.kv" in kept:
+                _shrink_attn(layers[i], kept[f"layers.{i}.kv"].long())
+    _apply_sizes_to_config(model.config, layer_sizes(model), pruned, head_dim)
 
 
 def load_pruned_model(path, dtype=None):

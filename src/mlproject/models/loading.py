@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mlproject.errors import UserError
+from mlproject.models import recipes
 from mlproject.models.reference import ModelRef, resolve
 
 log = logging.getLogger(__name__)
@@ -181,8 +182,19 @@ def load_model(
 
     device = pick_device(device)
     torch_dtype = pick_dtype(dtype, device)
+    if ref.kind == "run" and quantization_config is None:
+        handed = take_handoff(ref.target, device)
+        if handed is not None:  # the step before made it in this process: no load, no download
+            cast_params(handed.model, torch_dtype)
+            handed.ref = ref
+            return apply_extra_adapter(handed, adapter, fetch)
     local = local_source(ref, fetch)
     meta = read_meta(local) if local else {}
+
+    if local is not None and recipes.is_recipe(meta):
+        return _load_recipe(ref, local, meta, torch_dtype=torch_dtype, device=device, adapter=adapter,
+                            fetch=fetch, quantization_config=quantization_config,
+                            trust_remote_code=trust_remote_code)
 
     if local is not None and (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
         # An adapter-only artifact: load its base (recursively), then the adapter on top.
@@ -224,6 +236,7 @@ def load_model(
         with phase(f"loading {ref.label}"), route_tqdm(prefix=f"{ref.label}: ", transformers=True):
             from mlproject.compression import methods as quant_methods
 
+            LOADS.append(ref.raw)
             if local is not None and _is_nonuniform_pruned(local):
                 from mlproject.compression.prune import load_pruned_model
 
@@ -253,6 +266,148 @@ def load_model(
         meta=meta,
     )
     return apply_extra_adapter(loaded, adapter, fetch)
+
+
+#: Every checkpoint read by :func:`load_model` in this process, by reference (the benchmark and
+#: the tests count full model loads per trial with it).
+LOADS: list[str] = []
+
+_HANDOFF: dict[str, tuple[LoadedModel, str]] = {}
+
+
+def hand_off(uri: str, loaded: LoadedModel, device: str) -> None:
+    """Keep a step's output model in memory for the next :func:`load_model` of ``uri`` in this
+    process (a pipeline's next step, a search trial's scorer): that load takes it instead of
+    reading the store. One model at a time: an earlier one is let go."""
+    _HANDOFF.clear()
+    _HANDOFF[uri] = (loaded, device)
+
+
+def take_handoff(uri: str, device: str) -> LoadedModel | None:
+    """The model handed off for ``uri`` when it sits on ``device``, removed from the hand-off (the
+    taker owns it and may change it in place); else None."""
+    got = _HANDOFF.get(uri)
+    if got is None or not _same_device(got[1], device):
+        return None
+    del _HANDOFF[uri]
+    return got[0]
+
+
+def clear_handoff(keep: str | None = None) -> None:
+    """Let go of a handed-off model (unless it is ``keep``'s), so its memory is free before the next load."""
+    for uri in [u for u in _HANDOFF if u != keep]:
+        del _HANDOFF[uri]
+    import gc
+
+    gc.collect()
+
+
+def _same_device(a: str, b: str) -> bool:
+    import torch
+
+    da, db = torch.device(a), torch.device(b)
+    return da.type == db.type and (da.index or 0) == (db.index or 0)
+
+
+def recipe_versions() -> dict[str, str]:
+    """The versions a recipe records: the code that re-applies it and the libraries whose kernels shape the weights."""
+    from mlproject.reuse import code_version, library_versions
+
+    libs = library_versions()
+    return {"mlproject": code_version(), **{k: libs.get(k, "none") for k in ("torch", "transformers", "peft",
+                                                                             "bitsandbytes")}}
+
+
+def _load_recipe(ref: ModelRef, local: Path, meta: dict, *, torch_dtype, device: str, adapter: str | None,
+                 fetch: Fetch | None, quantization_config: Any, trust_remote_code: bool) -> LoadedModel:
+    """A recipe folder (``models.recipes``): its input loaded, the operation re-applied, the digest
+    checked; then cast to the dtype asked for (the recipe is re-made in the dtype it was made in)."""
+    if quantization_config is not None:
+        # bitsandbytes quantizes while reading a checkpoint: write the re-made float model once
+        # (at 7B: 14.5 GB of temporary disk), then load that quantized
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="mlproject-remade-") as tmp:
+            flo = _load_recipe(ref, local, meta, torch_dtype=torch_dtype, device=device, adapter=None, fetch=fetch,
+                               quantization_config=None, trust_remote_code=trust_remote_code)
+            log.info("writing the re-made %s to a temporary folder to quantize it while loading", ref.raw)
+            save_model_dir(flo.model, flo.tokenizer, Path(tmp) / "remade", base_model=flo.base_model,
+                           family=flo.family, instruct=flo.instruct)
+            del flo
+            q = load_model(resolve(str(Path(tmp) / "remade")), dtype=str(torch_dtype).removeprefix("torch."),
+                           device=device, quantization_config=quantization_config,
+                           trust_remote_code=trust_remote_code)
+        q.ref, q.meta, q.local_dir = ref, meta, local
+        q.base_model = meta.get("base_model") or q.base_model
+        return apply_extra_adapter(q, adapter, fetch)
+
+    def load_input(reference: str, *, dtype: str, adapter: str, quantization_config=None) -> LoadedModel:
+        return load_merged(resolve(reference), dtype=dtype, device=device, adapter=adapter, fetch=fetch,
+                           quantization_config=quantization_config, trust_remote_code=trust_remote_code)
+
+    from mlproject.progress import phase
+
+    with phase(f"re-making {ref.label} from its recipe"):
+        loaded = recipes.materialize(local, meta, ref.raw, device=device, load=load_input, versions=recipe_versions())
+    cast_params(loaded.model, torch_dtype)
+    loaded.ref, loaded.meta, loaded.local_dir, loaded.adapter = ref, meta, local, None
+    loaded.base_model = meta.get("base_model") or loaded.base_model
+    loaded.family = meta.get("family") or loaded.family
+    return apply_extra_adapter(loaded, adapter, fetch)
+
+
+def cast_params(model, torch_dtype) -> None:
+    """Cast a float model's parameters to ``torch_dtype`` as ``from_pretrained(dtype=…)`` would
+    load them: buffers (rotary ``inv_freq``) keep their float32; a quantized model is left alone."""
+    import torch
+
+    if (getattr(model, "hf_quantizer", None) is not None or model.dtype == torch_dtype
+            or torch_dtype not in (torch.float32, torch.bfloat16, torch.float16)):
+        return
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(torch_dtype)
+    model.config.dtype = torch_dtype
+
+
+def load_merged(ref: ModelRef, *, dtype: str, device: str, adapter: str | None = None, fetch: Fetch | None = None,
+                quantization_config: Any = None, trust_remote_code: bool = False) -> LoadedModel:
+    """Load ``ref`` as one plain model: a PEFT adapter (given, or an adapter-only artifact) is
+    merged into its base; with ``quantization_config`` the merged float weights are quantized
+    (written once to a temporary folder: bitsandbytes quantizes while reading a checkpoint)."""
+    import gc
+    import tempfile
+
+    loaded = load_model(ref, dtype=dtype, device=device, adapter=adapter or None, fetch=fetch,
+                        quantization_config=quantization_config, trust_remote_code=trust_remote_code)
+    if not is_peft(loaded.model):
+        return loaded
+    if quantization_config is not None:
+        # The base came back quantized under a float adapter; merging that would bake the
+        # adapter into rounded weights. Merge in float first, then quantize the merged model.
+        del loaded
+        gc.collect()
+        flo = load_merged(ref, dtype=dtype, device=device, adapter=adapter, fetch=fetch,
+                          trust_remote_code=trust_remote_code)
+        with tempfile.TemporaryDirectory(prefix="mlproject-merged-") as tmp:
+            save_model_dir(flo.model, flo.tokenizer, Path(tmp) / "merged", base_model=flo.base_model,
+                           family=flo.family, instruct=flo.instruct)
+            del flo.model
+            gc.collect()
+            q = load_model(resolve(str(Path(tmp) / "merged")), dtype=dtype, device=device,
+                           quantization_config=quantization_config, trust_remote_code=trust_remote_code)
+        q.ref, q.meta, q.adapter, q.local_dir = flo.ref, flo.meta, flo.adapter, flo.local_dir
+        q.base_model, q.family, q.instruct = flo.base_model, flo.family, flo.instruct
+        return q
+    log.info("merging the PEFT adapter into the base weights")
+    loaded.model = loaded.model.merge_and_unload()
+    loaded.model.eval()
+    return loaded
+
+
+def is_peft(model) -> bool:
+    return any(c.__name__ == "PeftModel" for c in type(model).__mro__)
 
 
 def _apply_adapter(loaded: LoadedModel, adapter_source: str, fetch: Fetch | None) -> LoadedModel:

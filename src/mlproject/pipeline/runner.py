@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 from mlproject import progress, tracking
 from mlproject.errors import StepFailed, UserError
+from mlproject.models import loading
 from mlproject.pipeline import spec as pspec
 from mlproject.pipeline.config import PipelineConfig
 from mlproject.steps import StepResult
@@ -204,6 +205,8 @@ def execute(the_plan: Plan, *, cfg: PipelineConfig | None = None, parent: tracki
                 planned = the_plan.steps[name]
                 bar.update(postfix=f"{name} ({planned.step})")
                 step_cfg = build_config(pipe, name, outputs)
+                # the model handed off by the step before is kept only for a step that takes it
+                loading.clear_handoff(keep=getattr(step_cfg, "model", None))
                 try:
                     result = _run_one(prun, planned, step_cfg)
                 except (KeyboardInterrupt, SystemExit):
@@ -212,6 +215,7 @@ def execute(the_plan: Plan, *, cfg: PipelineConfig | None = None, parent: tracki
                     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                     _log_report(prun, the_plan, results, failed=(name, first))
                     raise StepFailed(f"pipeline {pipe.name}: step {name!r} ({planned.step}) failed: {first}") from exc
+                _hand_off(result)
                 results[name] = result
                 outputs[name] = {"run_id": result.run_id, "model_uri": result.model_uri or ""}
                 bar.advance()
@@ -227,9 +231,23 @@ def execute(the_plan: Plan, *, cfg: PipelineConfig | None = None, parent: tracki
         text = _log_report(prun, the_plan, results)
         prun.log_text(_resolved_yaml(pipe, outputs), "pipeline.yaml")
         prun.set_description(_description(the_plan, results, ran, seconds))
-        finished = finish(prun, results) if finish is not None else None
+        try:
+            finished = finish(prun, results) if finish is not None else None
+        finally:
+            loading.clear_handoff()
         return StepResult(step="pipeline", run_id=prun.run_id, text=text + _ui_hint(prun), metrics=stats,
                           details={"steps": results, "finish": finished})
+
+
+def _hand_off(result: StepResult) -> None:
+    """The step's output model stays in memory for the next load of its ``model_uri`` in this
+    process (the next step, a trial's scorer); the result itself lets go of it, so no model
+    outlives the step that takes it."""
+    loaded, result.loaded, result.model = result.loaded, None, None
+    if loaded is not None and result.model_uri:
+        loading.hand_off(result.model_uri, loaded, str(next(loaded.model.parameters()).device))
+    else:
+        loading.clear_handoff()
 
 
 def _run_one(prun: tracking.Run, planned: PlannedStep, cfg: Any) -> StepResult:

@@ -349,6 +349,9 @@ class Worker:
 
         cfg = the_plan.steps[self.space.target].cfg
         start = time.perf_counter()
+        # the target step's model is still in memory (the pipeline handed it off): scored as it is,
+        # no download, no load; only a reused target step is read from the store
+        loading.clear_handoff(keep=target.model_uri)
         loaded = loading.load_model(resolve(target.model_uri), dtype=cfg.dtype, device=loading.pick_device(cfg.device),
                                     fetch=tracking.download)
         try:

@@ -41,6 +41,9 @@ class StepResult:
         pipeline's own report.md ends with).
     text: what the CLI prints instead of the metric list (compare's Markdown), if anything.
     model: the model object still in memory, for in-process callers (finetune), else None.
+    loaded: the output model still in memory exactly as ``model_uri`` would load it (a
+        ``models.loading.LoadedModel``), for a pipeline to hand to its next step or a search to
+        score without reading the store; None where the step has no such model.
     """
 
     step: str
@@ -54,6 +57,7 @@ class StepResult:
     details: dict[str, Any] = field(default_factory=dict)
     text: str | None = None
     model: Any = field(default=None, repr=False)
+    loaded: Any = field(default=None, repr=False)
 
     @property
     def avg_acc(self) -> float | None:

@@ -40,7 +40,8 @@ def check(cfg: PruneStepConfig, parent: tracking.Run | None = None, pending: fro
     plan = plan_eval(cfg)
     pcfg = cfg.prune_config()
     checks.check_tracking(cfg.tracking_uri, ref, cfg.adapter, parent=parent, pending=pending)
-    checks.check_model_sources(ref, cfg.adapter, device, torch_dtype, pending)
+    checks.check_model_sources(ref, cfg.adapter, device, torch_dtype, pending, step="prune",
+                               plan=plan if cfg.evaluate else None, kept=1 - cfg.ratio, strict=cfg.strict_memory)
     checks.check_data_sources({**({"calibration": cfg.calibration} if cfg.importance == "activation" else {}),
                                **({"ppl_dataset": cfg.ppl_dataset} if cfg.evaluate else {})})
     config = None if ref.run_id in pending else compress.peek_config(ref, "prune")
@@ -96,7 +97,10 @@ def run(cfg: PruneStepConfig, parent: tracking.Run | None = None) -> StepResult:
         # counts that describe the pruned architecture: params, not scores
         run.log_params({"prune.channels_removed": rep.channels_removed,
                         "prune.kv_groups_removed": rep.kv_groups_removed})
-        model_uri = model_output.log_model(run, loaded, ref, step="prune")
+        recipe = model_output.Recipe("prune", {"ratio": cfg.ratio, "importance": cfg.importance,
+                                               "targets": cfg.targets, "keep_layers": cfg.keep_layers},
+                                     adapter=cfg.adapter, dtype=torch_dtype, device=device, tensors=rep.kept)
+        model_uri = model_output.log_model(run, loaded, ref, step="prune", recipe=recipe, store=cfg.store)
 
         first = rep.layer_sizes[rep.pruned_layers[0]] if rep.pruned_layers else {}
         body = [

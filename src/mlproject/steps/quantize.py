@@ -44,7 +44,8 @@ def check(cfg: QuantizeConfig, parent: tracking.Run | None = None, pending: froz
     # A method that quantizes while loading (bitsandbytes) holds its bits per weight, not the dtype's.
     bits = method.load_bits(cfg)
     checks.check_model_sources(ref, cfg.adapter, device, torch_dtype, pending,
-                               bytes_per_param=None if bits is None else bits / 8)
+                               bytes_per_param=None if bits is None else bits / 8, step="quantize",
+                               plan=plan if cfg.evaluate else None, strict=cfg.strict_memory)
     calibrated = "calibration" in method.params
     checks.check_data_sources({**({"calibration": cfg.calibration} if calibrated else {}),
                                **({"ppl_dataset": cfg.ppl_dataset} if cfg.evaluate else {})})
@@ -91,13 +92,19 @@ def run(cfg: QuantizeConfig, parent: tracking.Run | None = None) -> StepResult:
         def reload(folder):
             return compress.load_input(resolve(str(folder)), dtype=cfg.dtype, device=device, adapter="")
 
-        out = method.quantize(cfg, QuantContext(ref=ref, device=device, dtype=torch_dtype, load=load,
-                                                workdir=Path(workdir), calibration=calibration, reload=reload))
+        ctx = QuantContext(ref=ref, device=device, dtype=torch_dtype, load=load, workdir=Path(workdir),
+                           calibration=calibration, reload=reload)
+        out = method.quantize(cfg, ctx)
         loaded, metrics = out.loaded, out.metrics
         run.log_params(out.params)
         run.set_tags(runs.lineage_tags(ref, loaded, role="quantized"))
         run.log_params({"resolved_model": loaded.ref.target})
-        model_uri = model_output.log_model(run, loaded, ref, step="quantize", saved=out.saved)
+        settings = None if out.saved is not None else method.recipe(cfg, ctx)
+        recipe = None if settings is None else model_output.Recipe(
+            "quantize", {"method": cfg.method, "settings": settings}, adapter=cfg.adapter, dtype=torch_dtype,
+            device=device)
+        model_uri = model_output.log_model(run, loaded, ref, step="quantize", saved=out.saved, recipe=recipe,
+                                           store=cfg.store)
         body = [*out.report, md_table(["", "before", "after"], [
             ("model_size_mb", metrics["model_size_mb_before"], metrics["model_size_mb"]),
             ("bits per quantized weight", torch_dtype.itemsize * 8, metrics["effective_bits"]),

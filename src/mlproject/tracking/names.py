@@ -74,6 +74,9 @@ UPSTREAM_TAG = f"{TAG_PREFIX}upstream_run"
 MODEL_UPSTREAM_TAG = f"{TAG_PREFIX}upstream"
 #: finetune (tag of an adapter LoggedModel logged as "model"): the base model it applies to.
 MODEL_BASE_TAG = f"{TAG_PREFIX}base"
+#: quantize, prune, finetune (run and LoggedModel tag, steps.shared.model_output): what the run's
+#: ``model`` holds: ``recipe`` (re-made when loaded, models.recipes), ``weights`` or ``adapter``.
+STORE_TAG = f"{TAG_PREFIX}store"
 #: steps.shared.runs.lineage_tags, search.report: base, eval, pruned, quantized, finetuned, study,
 #: trial, best_acc, best_ppl (comma-joined when a trial wins both); compare's baselines use it.
 ROLE_TAG = f"{TAG_PREFIX}role"

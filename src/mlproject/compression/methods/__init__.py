@@ -169,6 +169,18 @@ class QuantMethod:
         """Load the input (``ctx.load``) and quantize it; time what ``quant_seconds`` says."""
         raise NotImplementedError
 
+    # -- a recipe instead of weights (ARCHITECTURE.md, "Storage") -----------------------------
+    def recipe(self, cfg, ctx: QuantContext) -> dict[str, Any] | None:
+        """JSON parameters from which :meth:`replay` re-creates the output bit for bit from the
+        same input on the same kind of device; None (the default): not reproducible that way,
+        the run stores weights."""
+        return None
+
+    def replay(self, params: dict[str, Any], load: Callable[..., Any]) -> Any:
+        """Re-create the output of :meth:`recipe`'s ``params``: ``load(quantization_config=None)``
+        gives the input as the step had it; return the LoadedModel."""
+        raise NotImplementedError
+
     # -- its output, when loaded again ---------------------------------------------------------
     def prepare_loaded(self, model, device: str) -> None:
         """Make a just-loaded model in one of ``formats`` safe to use and save."""

@@ -50,6 +50,17 @@ class BitsAndBytesMethod(QuantMethod):
         return {"w_bits": 4, "group_size": blocksize or 64, "granularity": "per_block",
                 "scheme": method.removeprefix("bnb-") + " (absmax per block)"}
 
+    def recipe(self, cfg, ctx: QuantContext) -> dict:
+        # bitsandbytes quantizes while loading, deterministically: its config is the recipe
+        return {"method": cfg.method, "compute_dtype": str(ctx.dtype).removeprefix("torch.")}
+
+    def replay(self, params: dict, load):
+        import torch
+
+        int8 = params["method"] == "bnb-int8"
+        return load(quantization_config=bnb.bnb_config(
+            params["method"], compute_dtype=None if int8 else getattr(torch, params["compute_dtype"])))
+
     def quantize(self, cfg, ctx: QuantContext) -> Quantized:
         int8 = cfg.method == "bnb-int8"
         qc = bnb.bnb_config(cfg.method, compute_dtype=None if int8 else ctx.dtype)

@@ -45,6 +45,14 @@ class RTNMethod(QuantMethod):
     def run_name_suffix(self, cfg) -> str:
         return f"-w{cfg.w_bits}"
 
+    def recipe(self, cfg, ctx: QuantContext) -> dict:
+        return {f: getattr(cfg, f) for f in ("w_bits", "group_size", "scheme", "granularity", "modules")}
+
+    def replay(self, params: dict, load):
+        loaded = load()
+        rtn.quantize_model(loaded.model, rtn.RTNConfig(**params))
+        return loaded
+
     def quantize(self, cfg, ctx: QuantContext) -> Quantized:
         settings = self.settings(cfg)
         start = time.perf_counter()

@@ -3,17 +3,14 @@ config, loading the input as one plain model, and the run's final metrics / repo
 
 from __future__ import annotations
 
-import gc
 import logging
-import tempfile
-from pathlib import Path
 from typing import Any
 
 from mlproject import tracking
 from mlproject.errors import UserError
 from mlproject.evaluation.engine import EvalOutcome, EvalPlan
 from mlproject.models import loading
-from mlproject.models.reference import ModelRef, resolve
+from mlproject.models.reference import ModelRef
 from mlproject.steps import StepResult
 from mlproject.steps.shared import model_output
 from mlproject.steps.shared.evaluation import describe as describe_run
@@ -46,29 +43,8 @@ def load_input(ref: ModelRef, *, dtype: str, device: str, adapter: str,
                quantization_config: Any = None) -> loading.LoadedModel:
     """Load the input as one plain model: a PEFT adapter (given, or an adapter-only artifact) is
     merged into its base; with `quantization_config` the merged float weights are quantized."""
-    loaded = loading.load_model(ref, dtype=dtype, device=device, adapter=adapter or None,
-                                fetch=tracking.download, quantization_config=quantization_config)
-    if not _is_peft(loaded.model):
-        return loaded
-    if quantization_config is not None:
-        # The base came back quantized under a float adapter; merging that would bake the
-        # adapter into rounded weights. Merge in float first, then quantize the merged model.
-        del loaded
-        gc.collect()
-        flo = load_input(ref, dtype=dtype, device=device, adapter=adapter)
-        with tempfile.TemporaryDirectory(prefix="mlproject-merged-") as tmp:
-            loading.save_model_dir(flo.model, flo.tokenizer, Path(tmp) / "merged", base_model=flo.base_model,
-                                   family=flo.family, instruct=flo.instruct)
-            del flo.model
-            gc.collect()
-            q = loading.load_model(resolve(str(Path(tmp) / "merged")), dtype=dtype, device=device,
-                                   quantization_config=quantization_config)
-        q.ref, q.meta, q.adapter, q.local_dir = flo.ref, flo.meta, flo.adapter, flo.local_dir
-        return q
-    log.info("merging the PEFT adapter into the base weights before compressing")
-    loaded.model = loaded.model.merge_and_unload()
-    loaded.model.eval()
-    return loaded
+    return loading.load_merged(ref, dtype=dtype, device=device, adapter=adapter or None, fetch=tracking.download,
+                               quantization_config=quantization_config)
 
 
 def calibration_ids(tokenizer, text: str, samples: int, seqlen: int, seed: int):
@@ -110,10 +86,6 @@ def calibrate(run: tracking.Run, tokenizer, calibration: str, samples: int, seql
     return ids
 
 
-def _is_peft(model) -> bool:
-    return any(c.__name__ == "PeftModel" for c in type(model).__mro__)
-
-
 def finish(run: tracking.Run, *, step: str, title: str, loaded: loading.LoadedModel, plan: EvalPlan,
            evaluate: bool, report_params: dict, metrics: dict[str, float], section: tuple[str, str],
            model_uri: str, memory: PeakMemory, key: str, headline: str = "",
@@ -137,4 +109,4 @@ def finish(run: tracking.Run, *, step: str, title: str, loaded: loading.LoadedMo
                         "Caveat: the base is a Q4_1 GGUF (weights already on a 4-bit grid); see report.md."
                         if caveat and step == "quantize" else ""))
     return StepResult(step=step, run_id=run.run_id, model_uri=model_uri, metrics={**out.metrics, **system},
-                      key=key)
+                      key=key, loaded=loaded)

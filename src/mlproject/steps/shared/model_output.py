@@ -5,10 +5,12 @@ of that MLflow model, and the caveat for lineages that start at a GGUF-shipped a
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mlproject import tracking
-from mlproject.models import loading
+from mlproject.models import loading, recipes
 from mlproject.models.reference import ModelRef, alias_table
 from mlproject.tracking import names
 
@@ -25,16 +27,44 @@ def gguf_caveat(loaded: loading.LoadedModel) -> str:
             "comparable with published 4-bit figures.")
 
 
+@dataclass
+class Recipe:
+    """How a step's output follows from its input (``models.recipes``): the operation
+    (``quantize``, ``prune``), its JSON parameters, tensors to store beside them (prune's kept
+    indices), the adapter merged into the input, and the working dtype and device."""
+
+    op: str
+    params: dict[str, Any]
+    adapter: str
+    dtype: Any
+    device: str
+    tensors: dict[str, Any] = field(default_factory=dict)
+
+
 def log_model(run: tracking.Run, loaded: loading.LoadedModel, ref: ModelRef, step: str = "",
-              saved: Path | None = None) -> str:
-    """Save the (compressed) model with its lineage and log it as the run's MLflow model `model`
-    (transformers flavor; fetched by the next step as ``runs:/<run_id>/model``). ``saved``: a folder
+              saved: Path | None = None, recipe: Recipe | None = None, store: str = "weights") -> str:
+    """Log the step's output as the run's MLflow model `model` (fetched by the next step as
+    ``runs:/<run_id>/model``): a recipe (``recipe`` given, ``store=recipe``: KBs, re-made when
+    loaded), else the weights with their lineage (transformers flavor). ``saved``: a folder
     already holding the checkpoint in its method's own format (packed quantization), logged as
-    written with the tokenizer and lineage added."""
+    written with the tokenizer and lineage added. The run's tag ``mlproject.store`` says which."""
     upstream = ref.target if ref.kind == "local" else ref.raw
     meta = dict(base_model=loaded.base_model, family=loaded.family, instruct=loaded.instruct, run_id=run.run_id,
                 kind="full", upstream=upstream)
+    kind = "recipe" if recipe is not None and store == "recipe" and saved is None else "weights"
+    run.set_tags({names.STORE_TAG: kind})
+    tags = {**model_tags(loaded, step, upstream), names.STORE_TAG: kind}
     with tempfile.TemporaryDirectory(prefix="mlproject-model-") as tmp:
+        if kind == "recipe":
+            out = recipes.write(
+                Path(tmp) / "model", model=loaded.model,
+                input_ref=ref.target if ref.kind == "local" else ref.raw, adapter=recipe.adapter,
+                identity=input_identity(ref), op=recipe.op, params=recipe.params,
+                dtype=str(recipe.dtype).removeprefix("torch."), device=recipe.device,
+                digest=recipes.weights_digest(loaded.model), versions=loading.recipe_versions(),
+                meta=meta, tensors=recipe.tensors)
+            run.log_model_dir(out, "model", flavor=None, tags=tags)
+            return run.model_uri("model")
         if saved is not None:
             out = Path(saved)
             loaded.tokenizer.save_pretrained(out)
@@ -42,8 +72,29 @@ def log_model(run: tracking.Run, loaded: loading.LoadedModel, ref: ModelRef, ste
         else:
             out = loading.save_model_dir(loaded.model, loaded.tokenizer, Path(tmp) / "model", **meta)
         flavor = loading.mlflow_flavor(loaded.model, loaded.tokenizer, out, source=source_model(loaded))
-        run.log_model_dir(out, "model", flavor=flavor, tags=model_tags(loaded, step, upstream))
+        run.log_model_dir(out, "model", flavor=flavor, tags=tags)
     return run.model_uri("model")
+
+
+def input_identity(ref: ModelRef) -> dict[str, str]:
+    """What pins a recipe's input: the upstream run and its reuse key (``runs:/``, ``models:/``),
+    the hub commit in the local cache, the GGUF file of an alias, or a local directory's content digest."""
+    if ref.kind in ("run", "registry"):
+        ident = {"run": ref.run_id or ""} if ref.kind == "run" else {}
+        key = tracking.upstream_key(ref.raw)
+        return {**ident, **({"key": key} if key else {})}
+    if ref.kind == "local":
+        return {"dir": recipes.dir_digest(Path(ref.target))}
+    if ref.gguf:
+        from importlib import metadata
+
+        try:
+            version = metadata.version(ref.gguf[0])
+        except metadata.PackageNotFoundError:
+            version = "none"
+        return {"gguf": f"{ref.gguf[0]}:{ref.gguf[1]}", "version": version}
+    commit = recipes.hub_commit(ref.target)
+    return {"hub": ref.target, **({"commit": commit} if commit else {})}
 
 
 def source_model(loaded: loading.LoadedModel) -> str:
