@@ -67,6 +67,7 @@ def start_server(
     extra_args: list[str] | None = None,
     port: int | None = None,
     artifacts: str | os.PathLike | None = None,
+    serve_artifacts: bool = True,
 ) -> Iterator[str]:
     """Run ``mlflow server`` on a free port under ``root``; yield its ``http://`` URI.
 
@@ -75,7 +76,9 @@ def start_server(
     ``<root>/server.log`` (its tail is put into the error when the server does not come up).
     ``extra_args`` go to ``mlflow server`` (e.g. ``["--app-name", "basic-auth"]``); ``port``
     reuses a port (a server restarted where clients expect it); ``artifacts`` is the artifact
-    folder (default ``<root>/artifacts``), so a restart can serve the same store.
+    folder (default ``<root>/artifacts``), so a restart can serve the same store;
+    ``serve_artifacts=False`` makes it the ``--default-artifact-root`` of a server that does not
+    proxy artifacts (``--no-serve-artifacts``): clients read and write that folder themselves.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -92,7 +95,8 @@ def start_server(
         "--port", str(port),
         "--workers", str(workers),
         "--backend-store-uri", backend,
-        "--artifacts-destination", str(artifacts or root / "artifacts"),
+        *(["--artifacts-destination", str(artifacts or root / "artifacts")] if serve_artifacts else
+          ["--no-serve-artifacts", "--default-artifact-root", str(Path(artifacts or root / "artifacts").resolve())]),
         *(extra_args or []),
     ]
     env = dict(os.environ)
