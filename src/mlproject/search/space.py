@@ -22,6 +22,10 @@ A space is a YAML file (see ``pipelines/spaces/``)::
                                         # median, percentile, threshold (+ their arguments)
     fidelity: {levels: [0.1, 0.3, 1.0], seed: 0} # nested random document subsets (search.fidelity)
 
+A trial runs each step without its own evaluation (the search scores the target) and a
+finetune step without optimizer checkpoints (``save_steps=0``, unless the pipeline, ``set:`` or
+the searched parameters give ``save_steps``).
+
 Refused with one line (``UserError``) before any trial or run: unknown keys, unknown steps or
 parameters (with a suggestion), malformed or empty ranges, a value a step would refuse (each
 choice and each range end is put through the pipeline runner's ``plan()``: the steps' configs
@@ -52,6 +56,8 @@ TOP_LEVEL = ("name", "description", "pipeline", "set", "target", "params", "obje
 KINDS = ("categorical", "int", "float", "log_float")
 #: Parameters that turn a step's own evaluation off: the search scores the target itself.
 EVAL_SWITCHES = ("evaluate", "eval_before", "eval_after")
+#: The checkpoint interval a trial's steps run with 0 unless it is given (finetune's save_steps).
+NO_CHECKPOINTS = "save_steps"
 DEFAULT_LEVELS = [0.1, 0.3, 1.0]
 MAX_CHECKED_COMBINATIONS = 32
 _NAME = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -177,6 +183,12 @@ class Space:
         for name in self.steps:
             fields = pspec.field_names(self.pipe.steps[name].info)
             out += [f"{name}.{f}=false" for f in EVAL_SWITCHES if f in fields]
+            # and writes no optimizer checkpoints (a trial is never resumed; at 7B each one is
+            # tens of GB), unless the pipeline, the space's `set:` / --set or the search gives it
+            searched = {p.field for p in self.params.values() if p.step == name}
+            if NO_CHECKPOINTS in fields and NO_CHECKPOINTS not in self.pipe.values(name) \
+                    and NO_CHECKPOINTS not in searched:
+                out.append(f"{name}.{NO_CHECKPOINTS}=0")
         return out
 
     def trial_pipeline(self, values: dict[str, Any]) -> pspec.Pipeline:

@@ -48,6 +48,12 @@ last ``train/loss`` step already in the run (checkpoints are written after the f
 covers their step, so nothing between checkpoint and crash is lost or logged twice). A
 resumed run whose ``before/`` metrics exist does not evaluate the input again.
 
+Once the step has succeeded and the server has its model, nothing is left to resume: the
+checkpoints go (the default folder whole; in an ``output_dir`` you named, only what training
+wrote: ``checkpoint-*``, ``final``, the run id file, trl's README.md), unless ``keep_output=true``. A failed step
+keeps them, and so does a model upload that did not reach the server (the model waits in the
+spool for ``mlproject runs sync``; the warning names both folders).
+
 Chat template
 -------------
 ``chat_template`` defaults to ``off``: rows are trained as plain ``prompt + completion``
@@ -88,6 +94,7 @@ log = logging.getLogger(__name__)
 RUN_ID_FILE = "mlflow_run_id.txt"
 FINAL_DIR = "final"  # under a distributed launch: the trainer's own save of the result
 DEFAULT_OUTPUT_ROOT = Path("outputs") / "finetune"
+_TRL_CARD = "trained using [TRL]"  # a line of the README.md trl writes into output_dir
 # Settings that shape the trained weights: they name the default checkpoint folder. The
 # length of training (max_steps, epochs) is left out so a longer resume finds the folder.
 CHECKPOINT_KEY_FIELDS = ("model", "adapter", "method", "finetuning", "lora_r", "lora_alpha", "lora_dropout",
@@ -186,6 +193,36 @@ def _prepare_fresh_dir(out: Path, run_id: str, clear: bool) -> None:
     (out / RUN_ID_FILE).write_text(run_id + "\n")
 
 
+def _settle_output(out: Path, unsent: dict[str, Path], keep: bool, named: bool) -> None:
+    """After a successful step: the checkpoint folder goes once the server has the model (nothing
+    is left to resume); it stays when the upload is waiting in the spool, or with ``keep``.
+    ``named``: the user gave the folder, so only what training wrote there is removed (checkpoints,
+    the distributed result, the run id file, trl's model card)."""
+    if unsent:
+        waiting = ", ".join(f"{name} in {path}" for name, path in unsent.items())
+        log.warning("the fine-tuned model did not reach the tracking server: it waits in the spool (%s; send it "
+                    "with: mlproject runs sync); the checkpoints stay in %s until then", waiting, out)
+        return
+    if keep or not out.is_dir():
+        return
+    if not named:
+        shutil.rmtree(out, ignore_errors=True)
+    else:
+        ours = [*out.glob("checkpoint-*"), out / FINAL_DIR, out / RUN_ID_FILE]
+        card = out / "README.md"  # trl's model card, rewritten at every checkpoint
+        with contextlib.suppress(OSError, UnicodeError):
+            if _TRL_CARD in card.read_text():
+                ours.append(card)
+        for path in ours:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists():
+                path.unlink()
+        with contextlib.suppress(OSError):
+            out.rmdir()  # only when empty: the user's own files stay
+    log.info("removed the checkpoints in %s (the model is logged; keep_output=true keeps them)", out)
+
+
 def _resume_target(out: Path) -> str | None:
     """The run a resume continues (checked on the server before anything heavy), or None."""
     f = out / RUN_ID_FILE
@@ -269,11 +306,9 @@ def check(cfg: FinetuneStepConfig, parent: tracking.Run | None = None, pending: 
     why = quant_methods.finetune_refusal(config, cfg.finetuning) if config is not None else None
     if why:  # a packed checkpoint (gptq, autoround, hqq …): what LoRA can and cannot train on
         raise UserError(f"model {cfg.model!r}: {why}")
-    if cfg.finetuning == "full":  # weights, gradients and two Adam moments
-        per, purpose = 4 * dtype.itemsize, "fine-tune every weight (weights, gradients, Adam states)"
-    else:
-        per, purpose = (0.5 if cfg.finetuning == "qlora" else None), "load"
-    checks.check_model_sources(ref, cfg.adapter, device, dtype, pending, bytes_per_param=per, purpose=purpose)
+    # weights, adapters or gradients and Adam states, activations, the evaluations before / after
+    checks.check_model_sources(ref, cfg.adapter, device, dtype, pending, step="finetune", plan=plan, training=cfg,
+                               strict=cfg.strict_memory)
     evaluates = cfg.eval_before or cfg.eval_after
     checks.check_data_sources({"ppl_dataset": plan.opts.ppl_dataset} if evaluates else {}, training=spec)
     if evaluates:
@@ -452,9 +487,13 @@ def _run_in(run: tracking.Run, cfg: FinetuneStepConfig, ref: ModelRef, plan: Eva
                  settings={"data": f"{params['dataset']} ({params['dataset_rows']} rows)", "lr": cfg.lr,
                            "train batch": cfg.train_batch_size, "device": device},
                  notes=("Not evaluated after training (eval_after=false)." if not outcome.metrics else "",))
+    distributed.on_main(_settle_output, out_dir, dict(run.unsent_models), cfg.keep_output, bool(cfg.output_dir.strip()))
     return StepResult(step="finetune", run_id=run.run_id, model_uri=run.model_uri(), metrics=metrics, key=key,
                       details={"global_step": step, "final_loss": result.final_loss, "output_dir": str(out_dir)},
-                      model=final)
+                      model=final,
+                      # what runs:/…/model reloads, but for QLoRA (k-bit training upcasts norms in place)
+                      # and a launch's ranks: those reload it
+                      loaded=after_loaded if cfg.method != "qlora" and distributed.world_size() == 1 else None)
 
 
 def _report_sections(cfg: FinetuneStepConfig, result: Any, before: dict[str, float], outcome: EvalOutcome,

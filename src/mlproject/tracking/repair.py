@@ -22,7 +22,8 @@ from mlproject.tracking.link import _fail_fast, _http_defaults
 from mlproject.tracking.names import (ERROR_TAG, HEARTBEAT_TAG, HOST_TAG, NOTE_TAG, PARENT_RUN_TAG, PID_TAG,
                                       PROJECT_BACKEND_TAG, PROJECT_ENTRY_POINT_TAG, PROJECT_ENV_TAG, REAPED_TAG,
                                       RUN_NAME_TAG, RUNS_CHANGED_TAG, STEP_TAG)
-from mlproject.tracking.run import _MAX_TAG_LEN, resolve_params, send_metrics
+from mlproject.tracking.run import (_MAX_TAG_LEN, create_logged_model, model_upload_calls, resolve_params,
+                                   send_metrics, write_mlmodel)
 from mlproject.tracking.server import _first_line, check_server
 from mlproject.tracking.spool import Spool
 
@@ -94,6 +95,9 @@ def sync_spool(path: str | Path, tracking_uri_: str | None = None) -> dict:
                     client.log_artifacts(run_id, str(src), rec.get("artifact_path"))
                 else:
                     client.log_artifact(run_id, str(src), rec.get("artifact_path"))
+            elif op == "model":
+                if not _sync_model(client, spool, rec, run):
+                    counts["missing_models"] = counts.get("missing_models", 0) + 1
             elif op == "status":
                 if rec["status"] == "FINISHED" and REAPED_TAG in run.data.tags:
                     # reap gave up on it while its results waited here: they are in now
@@ -111,6 +115,35 @@ def sync_spool(path: str | Path, tracking_uri_: str | None = None) -> dict:
     if complete:
         shutil.rmtree(spool.path, ignore_errors=True)
     return counts
+
+
+def _sync_model(client, spool: Spool, rec: dict, run) -> bool:
+    """A ``model`` record: the LoggedModel the step created (its id noted in the spool) or a new
+    one, its MLmodel file written, linked to the run, the folder uploaded, finalized READY.
+    False when the folder is gone."""
+    from mlflow.exceptions import MlflowException
+
+    run_id = run.info.run_id
+    src = spool.artifact_source(rec)
+    if src is None:
+        log.warning("model %s of run %s is gone (neither in the spool nor at %s); skipped", rec["name"], run_id,
+                    rec.get("original_path"))
+        return False
+    model = None
+    model_id = spool.notes(rec["seq"]).get("model_id")
+    if model_id:
+        with contextlib.suppress(MlflowException):
+            model = client.get_logged_model(model_id)
+    if model is None:
+        model = create_logged_model(client, run.info.experiment_id, run_id, rec)
+        spool.note(rec["seq"], model_id=model.model_id)
+    if str(model.status) == "READY":  # uploaded after all (the answer was what got lost)
+        return True
+    write_mlmodel(src, model, run_id, rec.get("flavor"))
+    linked = {o.model_id for o in (run.outputs.model_outputs if run.outputs else [])}
+    for call in model_upload_calls(client, run_id, model.model_id, src, link=model.model_id not in linked):
+        call()
+    return True
 
 
 # How long `mlflow run` may build an environment (conda solving, CUDA torch downloading) before reap

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from mlproject.errors import StepFailed
 from mlproject.redaction import clean_mapping, redact
 from mlproject.tracking.datasets import dataset_inputs
 from mlproject.tracking.heartbeat import _Heartbeat, heartbeat_seconds, liveness_tags
@@ -65,6 +66,8 @@ class Run:
         # MLflow LoggedModels this run produced, by name ("model", "adapter"); metrics logged
         # after the "model" exists are linked to it (the experiment's Models tab shows them).
         self.model_ids: dict[str, str] = {}
+        # Models whose upload did not reach the server: name -> their folder in the spool.
+        self.unsent_models: dict[str, Path] = {}
 
     # -- delivery ---------------------------------------------------------------------------
     def _deliver(self, op: str, send: Callable[[], Any], original: str | Path | None = None, **fields: Any) -> bool:
@@ -188,30 +191,56 @@ class Run:
         ``mlproject_model.json`` — plus an ``MLmodel`` file describing it with ``flavor`` (the
         transformers flavor's keys, ``model_binary: "."``). It is still fetched as
         ``runs:/<run_id>/<name>`` (MLflow resolves a run's models by name), so every step keeps
-        taking the output of another. Returns the model id (``models:/<model_id>``)."""
-        from mlflow.entities import LoggedModelOutput
-        from mlflow.models import Model
+        taking the output of another.
 
-        model = self.client.create_logged_model(
-            self.experiment_id, name=name, source_run_id=self.run_id,
-            tags={k: str(v) for k, v in clean_mapping(tags or {}, _MAX_TAG_LEN).items()} or None,
-            params={k: str(v) for k, v in clean_mapping(params or {}, _MAX_PARAM_LEN).items()} or None,
-            model_type="transformers" if flavor else None)
+        Spooled and sent like every record, each call within the retry budget. When the server
+        does not take it, the folder is *moved* into the spool (``unsent_models[name]`` says
+        where; it is usually the caller's temporary folder) and the step goes on: ``mlproject runs
+        sync`` creates or finishes the model later, and ``runs:/<run_id>/<name>`` resolves from
+        then on. An error that is not about the connection still propagates, the folder kept in
+        the spool all the same. Returns the model id (``models:/<model_id>``), "" while the
+        server has none."""
+        local_dir = Path(local_dir)
+        spec = model_record(name, flavor, tags, params)
+        seq = self.spool.append("model", **spec, dir=local_dir.name, original_path=str(local_dir.resolve())) \
+            if self.spool else None
+        model = None
         try:
-            mlmodel = Model(artifact_path=model.artifact_location, run_id=self.run_id, model_id=model.model_id,
-                            model_uuid=model.model_id)
-            if flavor:
-                mlmodel.add_flavor("transformers", **flavor)
-            mlmodel.save(str(Path(local_dir) / "MLmodel"))
-            self.client.log_outputs(self.run_id, [LoggedModelOutput(model.model_id, step=0)])
-            self.client.log_model_artifacts(model.model_id, str(local_dir))
-            self.client.finalize_logged_model(model.model_id, "READY")
-        except BaseException:
-            with contextlib.suppress(Exception):
-                self.client.finalize_logged_model(model.model_id, "FAILED")
+            made: list = []
+            if _LINK.send(lambda: made.append(create_logged_model(self.client, self.experiment_id, self.run_id,
+                                                                  spec)), "model"):
+                model = made[-1]
+                self.model_ids[name] = model.model_id
+                if seq is not None:
+                    self.spool.note(seq, model_id=model.model_id)
+                write_mlmodel(local_dir, model, self.run_id, flavor)
+                if all(_LINK.send(call, "model")
+                       for call in model_upload_calls(self.client, self.run_id, model.model_id, local_dir)):
+                    if seq is not None:
+                        self.spool.mark_sent(seq)
+                    return model.model_id
+        except BaseException as exc:
+            if seq is not None:
+                try:
+                    self._keep_model(seq, name, local_dir, _first_line(exc) or type(exc).__name__)
+                except OSError as move:
+                    log.warning("could not keep model folder %s in spool %s: %s", local_dir, self.spool.path, move)
+            elif model is not None:
+                with contextlib.suppress(Exception):
+                    self.client.finalize_logged_model(model.model_id, "FAILED")
             raise
-        self.model_ids[name] = model.model_id
-        return model.model_id
+        if seq is None:  # no spool to keep it in (it could not be opened): the folder would be lost
+            raise StepFailed(f"model {name!r} of run {self.run_id} could not be uploaded to tracking server "
+                             f"{redact(strip_userinfo(tracking_uri()))} and this run has no spool to keep it in")
+        self._keep_model(seq, name, local_dir, "the tracking server did not take it")
+        return model.model_id if model is not None else ""
+
+    def _keep_model(self, seq: int, name: str, local_dir: Path, why: str) -> None:
+        kept = self.spool.keep_moved(seq, local_dir)
+        self.unsent_models[name] = kept
+        log.warning("model %r of run %s is not on tracking server %s (%s); its folder waits in %s — send it with: "
+                    "mlproject runs sync %s", name, self.run_id, redact(strip_userinfo(tracking_uri())), why, kept,
+                    self.spool.path)
 
     def log_metrics_and_tags(self, metrics: Mapping[str, float], tags: Mapping[str, Any], step: int = 0) -> None:
         """A result's tags and metrics in one request (a search trial's outcome: fewer round trips
@@ -320,6 +349,7 @@ class NullRun(Run):
     def __init__(self, run_id: str, experiment_id: str):  # noqa: D107 - no client: never talks to MLflow
         self.run_id, self.experiment_id, self.env = run_id, experiment_id, None
         self.model_ids: dict[str, str] = {}
+        self.unsent_models: dict[str, Path] = {}
 
     def log_params(self, params):
         pass
@@ -377,6 +407,45 @@ def resolve_params(existing: Mapping[str, str], params: Mapping[str, str]) -> di
         if existing.get(k) != v:
             items[k] = v
     return items
+
+
+def model_record(name: str, flavor: Mapping[str, Any] | None, tags: Mapping[str, Any] | None,
+                 params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What a ``model`` spool record holds to create the LoggedModel: name, tags, params (as
+    strings, redacted), model type and the MLmodel flavor."""
+    return {"name": name, "flavor": dict(flavor) if flavor else None,
+            "model_type": "transformers" if flavor else None,
+            "tags": {k: str(v) for k, v in clean_mapping(tags or {}, _MAX_TAG_LEN).items()},
+            "params": {k: str(v) for k, v in clean_mapping(params or {}, _MAX_PARAM_LEN).items()}}
+
+
+def create_logged_model(client, experiment_id: str, run_id: str, record: Mapping[str, Any]):
+    """The PENDING LoggedModel a :func:`model_record` describes, produced by ``run_id``."""
+    return client.create_logged_model(experiment_id, name=record["name"], source_run_id=run_id,
+                                      tags=record.get("tags") or None, params=record.get("params") or None,
+                                      model_type=record.get("model_type"))
+
+
+def write_mlmodel(folder: str | Path, model, run_id: str, flavor: Mapping[str, Any] | None) -> None:
+    """The folder's ``MLmodel`` file for LoggedModel ``model``."""
+    from mlflow.models import Model
+
+    mlmodel = Model(artifact_path=model.artifact_location, run_id=run_id, model_id=model.model_id,
+                    model_uuid=model.model_id)
+    if flavor:
+        mlmodel.add_flavor("transformers", **flavor)
+    mlmodel.save(str(Path(folder) / "MLmodel"))
+
+
+def model_upload_calls(client, run_id: str, model_id: str, folder: str | Path,
+                       link: bool = True) -> list[Callable[[], Any]]:
+    """The calls that make a created LoggedModel whole, in order: linked to the run as its output
+    (``link``), the folder uploaded, finalized READY. Each may be repeated."""
+    from mlflow.entities import LoggedModelOutput
+
+    calls = [lambda: client.log_outputs(run_id, [LoggedModelOutput(model_id, step=0)])] if link else []
+    return calls + [lambda: client.log_model_artifacts(model_id, str(folder)),
+                    lambda: client.finalize_logged_model(model_id, "READY")]
 
 
 def _metric_entities(points: list) -> list:

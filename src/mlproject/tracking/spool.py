@@ -7,10 +7,13 @@ One folder per run under ``paths.spool_root()`` (``~/.cache/mlproject/spool/<run
   (``[key, value, timestamp_ms, step]`` rows, timestamps fixed when logged, so sending twice
   gives the server identical points, which MLflow's SQL store ignores), ``delete_tag``,
   ``artifact`` / ``artifacts`` (a file / a folder's content: the copy under
-  ``files/<seq>/``, else the original path) and ``status`` (the final status);
+  ``files/<seq>/``, else the original path), ``model`` (an MLflow LoggedModel: its name, tags,
+  params, model type, MLmodel flavor and folder) and ``status`` (the final status);
 * ``sent`` — the sequence numbers the server acknowledged;
 * ``files/<seq>/`` — text artifacts always; file / folder artifacts only when they could not
-  be sent (a model folder is not copied while the server takes it directly);
+  be sent (a model folder is *moved* here then, never copied while the server takes it);
+* ``files/<seq>.json`` — what sending a record learned (a LoggedModel's id, so sync finishes
+  that model instead of creating a second one);
 * ``.lock`` — held by the writing process for its lifetime, so ``mlproject runs sync`` never
   sends a spool that is still growing (the OS drops the lock when the process dies, even by
   SIGKILL).
@@ -23,6 +26,7 @@ code: nothing here talks to MLflow.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -86,6 +90,41 @@ class Spool:
             shutil.copy2(source, dest)
         return dest
 
+    def keep_moved(self, seq: int, source: str | os.PathLike) -> Path:
+        """Move an artifact folder or file into the spool (a model folder that could not be sent,
+        in the caller's temporary folder): a rename on the same filesystem, else copied and removed."""
+        source = Path(source)
+        dest = self.slot(seq) / source.name
+        if dest == source:
+            return dest
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.is_dir() and not dest.is_symlink():
+            shutil.rmtree(dest)
+        elif dest.exists() or dest.is_symlink():
+            dest.unlink()
+        try:
+            os.replace(source, dest)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            shutil.move(str(source), str(dest))
+        return dest
+
+    def note(self, seq: int, **fields: Any) -> None:
+        """Remember what sending record ``seq`` learned (``model_id=…``), for sync."""
+        path = self.path / "files" / f"{seq}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**self.notes(seq), **fields}, sort_keys=True))
+        os.replace(tmp, path)
+
+    def notes(self, seq: int) -> dict:
+        path = self.path / "files" / f"{seq}.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+
     def mark_sent(self, seq: int) -> None:
         with open(self.path / SENT, "a", encoding="utf-8") as fh:
             fh.write(f"{seq}\n")
@@ -130,8 +169,9 @@ class Spool:
         return [r for r in self.records() if r["seq"] not in done]
 
     def artifact_source(self, record: dict) -> Path | None:
-        """Where an ``artifact`` record's content is now: the spool copy, else the original."""
-        kept = self.slot(record["seq"]) / record["name"]
+        """Where an ``artifact`` / ``model`` record's content is now: the spool copy, else the
+        original (a model record names its folder ``dir``)."""
+        kept = self.slot(record["seq"]) / (record.get("dir") or record["name"])
         if kept.exists():
             return kept
         original = record.get("original_path")
