@@ -101,7 +101,7 @@ def test_memory_warning_before_loading(tiny_dirs, mlflow_uri, monkeypatch, caplo
                          dtype="float32", tracking_uri=mlflow_uri)
     evaluate.check(cfg)
     (msg,) = [r.getMessage() for r in caplog.records if r.name == "mlproject.steps.shared.checks"]
-    assert "~0.00 B parameters" in msg and "4 bytes per parameter, float32" in msg and "0.0 GiB of RAM" in msg
+    assert "(0.00 B parameters, float32) needs ~0.5 MB" in msg and "RAM has 0.1 MB free" in msg
     assert "dtype=bfloat16" in msg and "model=smollm2" in msg
 
 

@@ -33,8 +33,10 @@ from typing import Any, Callable
 
 #: Config fields that say where a run is recorded or how it is checkpointed, not what it computes.
 #: ``nproc`` asks for processes; a step whose result depends on how many ran (finetune: the
-#: effective batch) puts the world size of the launch in the key itself.
-NOT_IN_KEY = frozenset({"experiment", "run_name", "tracking_uri", "resume", "output_dir", "save_steps", "nproc"})
+#: effective batch) puts the world size of the launch in the key itself. ``strict_memory`` only
+#: decides whether a run starts.
+NOT_IN_KEY = frozenset({"experiment", "run_name", "tracking_uri", "resume", "output_dir", "save_steps", "keep_output",
+                        "nproc", "strict_memory"})
 # the libraries whose version can change a result (quantization kernels and formats included)
 LIBRARIES = ("torch", "transformers", "lm_eval", "peft", "trl", "bitsandbytes", "auto_round", "hqq", "llmcompressor",
              "compressed_tensors")

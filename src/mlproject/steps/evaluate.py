@@ -27,7 +27,7 @@ def check(cfg: EvaluateConfig, parent: tracking.Run | None = None, pending: froz
     ref, device, dtype = checks.check_model_args(cfg.model, cfg.adapter, cfg.device, cfg.dtype)
     plan = plan_eval(cfg)
     checks.check_tracking(cfg.tracking_uri, ref, cfg.adapter, parent=parent, pending=pending)
-    checks.check_model_sources(ref, cfg.adapter, device, dtype, pending)
+    checks.check_model_sources(ref, cfg.adapter, device, dtype, pending, plan=plan, strict=cfg.strict_memory)
     checks.check_data_sources({"ppl_dataset": cfg.ppl_dataset})
     checks.check_eval_fits(ref, plan, pending)
     return ref, device, plan

@@ -1,11 +1,13 @@
 """The cheap checks every step runs before a run opens or weights load: the model reference,
 adapter, device and dtype; the launch; the tracking server and the runs:/ / models:/ references
-on it; the Hugging Face hub for the models and data that must come from it; whether the weights
-fit in memory; whether the evaluation's generation tasks fit the model's context.
+on it; the Hugging Face hub for the models and data that must come from it; whether the step's
+peak memory fits (estimated by ``memory``); whether the evaluation's generation tasks fit the
+model's context.
 Each raises UserError naming the bad value (one line, exit 2), or logs a warning."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -42,11 +44,14 @@ def check_launch(cfg: Any) -> None:
 
 def check_model_sources(ref: ModelRef, adapter: str, device: str, torch_dtype: Any,
                         pending: frozenset[str] = frozenset(), bytes_per_param: float | None = None,
-                        purpose: str = "load") -> None:
+                        step: str = "evaluate", plan: Any = None, training: Any = None, kept: float = 1.0,
+                        strict: bool = False) -> None:
     """Before a run opens (after ``check_tracking``): a model or adapter that must come from the
-    Hugging Face hub is cached or the hub answers (one line with advice, exit 2, otherwise), and a
-    warning when the weights will not fit in the memory available (``bytes_per_param`` overrides
-    the dtype's size, e.g. 4-bit loading or full fine-tuning's gradients and Adam states)."""
+    Hugging Face hub is cached or the hub answers (one line with advice, exit 2, otherwise), and
+    the step's peak memory fits (``check_memory``: a warning, or with ``strict`` a refusal).
+    ``bytes_per_param``: a method that quantizes while loading (bitsandbytes) holds that many
+    bytes per linear weight; ``plan``: the evaluation the step runs (None: none); ``training``:
+    the finetune config; ``kept``: prune's fraction of parameters left for the evaluation."""
     from mlproject.models import hub
     from mlproject.models.loading import resolve_adapter
 
@@ -57,40 +62,108 @@ def check_model_sources(ref: ModelRef, adapter: str, device: str, torch_dtype: A
         if aref.kind == "hub":
             hub.check_model(aref.raw, aref.target, what="adapter", filename="adapter_config.json")
     if ref.run_id not in pending:
-        warn_memory(ref, device, torch_dtype, bytes_per_param, purpose)
+        check_memory(ref, device, torch_dtype, step=step, load_bits=None if bytes_per_param is None
+                     else bytes_per_param * 8, merge_first=bool(adapter), plan=plan, training=training,
+                     kept=kept, strict=strict)
 
 
-def warn_memory(ref: ModelRef, device: str, torch_dtype: Any, bytes_per_param: float | None = None,
-                purpose: str = "load") -> str | None:
-    """Log (and return) a warning when the model's weights exceed 90% of the memory available
-    on ``device``; None when they fit or the size is unknown."""
-    from mlproject.models import loading
-
-    n = loading.estimate_params(ref, fetch=tracking.download)
-    if not n:
-        return None
-    per = bytes_per_param or torch_dtype.itemsize
-    need = n * per
+def available_memory(device: str) -> tuple[int, str]:
+    """(bytes free, where): the CUDA device's free memory, else the host's available RAM."""
     if device.startswith("cuda"):
         import torch
 
-        available, where = torch.cuda.mem_get_info(torch.device(device))[0], f"free on {device}"
-    else:
-        import psutil
+        return torch.cuda.mem_get_info(torch.device(device))[0], device
+    import psutil
 
-        available, where = psutil.virtual_memory().available, "of RAM available"
-    if need <= 0.9 * available:
-        log.debug("%s: ~%.1f GiB needed, %.1f GiB %s", ref.raw, need / 2**30, available / 2**30, where)
+    return psutil.virtual_memory().available, "this host's RAM"
+
+
+def check_memory(ref: ModelRef, device: str, torch_dtype: Any, *, step: str = "evaluate",
+                 load_bits: float | None = None, merge_first: bool = False, plan: Any = None,
+                 training: Any = None, kept: float = 1.0, strict: bool = False) -> str | None:
+    """Estimate the step's peak memory before loading (``memory.estimate``) and compare it with
+    the memory free on ``device``. Over: a warning naming the numbers and the parameters that
+    lower them (returned), or with ``strict`` a UserError; None when it fits or nothing is known."""
+    from mlproject.errors import UserError
+    from mlproject.steps.shared import memory
+
+    shape, stored_bits = model_shape(ref)
+    if shape is None:
         return None
+    work = memory.Work(
+        step=step, dtype_bytes=torch_dtype.itemsize, cuda=device.startswith("cuda"),
+        load_bits=load_bits if load_bits is not None else (stored_bits if training is None else None),
+        merge_first=merge_first and load_bits is not None, evaluation=evaluation_work(plan),
+        training=None if training is None else memory.Training(
+            **{f.name: getattr(training, f.name) for f in dataclasses.fields(memory.Training)}),
+        kept=kept)
+    est = memory.estimate(shape, work)
+    available, where = available_memory(device)
     dtype = str(torch_dtype).removeprefix("torch.")
-    fixes = ([] if device.startswith("cuda") else ["a GPU (device=cuda)"]) \
-        + (["dtype=bfloat16"] if per >= 4 else []) + ["a smaller model (model=smollm2)"]
-    use = f"{', '.join(fixes[:-1])} or {fixes[-1]}" if len(fixes) > 1 else fixes[0]
-    msg = (f"{ref.raw} has ~{n / 1e9:.2f} B parameters: to {purpose} it takes ~{need / 2**30:.1f} GiB "
-           f"({per:g} bytes per parameter, {dtype}), but only {available / 2**30:.1f} GiB {where}; it may swap "
-           f"or be killed. Use {use}.")
+    if est.total <= available:
+        log.debug("%s of %s: %s in %s, %s free on %s", step, ref.raw, est.describe(), dtype,
+                  memory.gb(available), where)
+        return None
+    knobs = est.knobs()
+    use = f"{', '.join(knobs[:-1])} or {knobs[-1]}" if len(knobs) > 1 else knobs[0]
+    note = f" [{'; '.join(est.notes)}]" if est.notes else ""
+    msg = (f"{step} of {ref.raw} ({shape.params / 1e9:.2f} B parameters, {dtype}) needs {est.describe()}{note}, "
+           f"but {where} has {memory.gb(available)} free; lower it with {use}")
+    if strict:
+        raise UserError(f"strict_memory: {msg}")
+    msg += " (it may swap or be killed; strict_memory=true refuses before the run instead)"
     log.warning("%s", msg)
     return msg
+
+
+def model_shape(ref: ModelRef):
+    """(``memory.ModelShape``, bits per linear weight of a bitsandbytes checkpoint or None) of
+    the model behind ``ref`` without its weights: its config and a weightless model when cheap
+    to read, else the alias table's parameter count; (None, None) when nothing is known."""
+    from mlproject.models import loading
+    from mlproject.steps.shared import memory
+
+    config = loading.peek_config(ref, fetch=tracking.download)
+    if config is not None:
+        try:
+            meta = loading.meta_model(config)
+        except Exception as exc:  # noqa: BLE001 - an architecture transformers cannot build weightless
+            log.debug("no meta model for %s: %s", ref.raw, exc)
+        else:
+            return memory.ModelShape.from_config(config, loading.count_params(meta), meta), _stored_bits(config)
+    if ref.params_b:
+        return memory.ModelShape(params=int(ref.params_b * 1e9)), None
+    return None, None
+
+
+def _stored_bits(config: Any) -> float | None:
+    # A bitsandbytes checkpoint loads packed; the other packed formats are counted as float (an upper
+    # bound: compressed-tensors decompresses at the first forward, AutoRound unpacks on CPU).
+    qc = getattr(config, "quantization_config", None)
+    qc = qc if isinstance(qc, dict) else getattr(qc, "to_dict", lambda: {})()
+    if qc.get("load_in_4bit"):
+        return 4.0
+    if qc.get("load_in_8bit"):
+        return 8.0
+    return None
+
+
+def evaluation_work(plan: Any):
+    """An evaluation plan as ``memory.Evaluation`` (None for no plan): lm-eval's batch, the most
+    tokens a generation task of the plan generates (tasks whose settings can be read cheaply),
+    the PPL window."""
+    if plan is None:
+        return None
+    from mlproject.evaluation import context
+    from mlproject.steps.shared import memory
+
+    generates = 0
+    if plan.tasks and context.may_generate(plan.tasks):
+        generates = max(context.generation_lengths(plan.tasks).values(), default=0)
+    batch = plan.batch_size if isinstance(plan.batch_size, int) else 1  # auto: lm-eval finds what fits
+    return memory.Evaluation(batch_size=batch if plan.tasks else 0, generation_tokens=generates if plan.tasks else 0,
+                             ppl_seqlen=plan.opts.seqlen if plan.ppl_name else 0,
+                             ppl_batch_size=plan.opts.ppl_batch_size)
 
 
 def check_tracking(tracking_uri: str, ref: ModelRef, adapter: str = "", parent: Any = None,
