@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     from mlproject import housekeeping
 
     housekeeping.add_parser(sub)
+    # `mlproject export MODEL DIR`: a standalone Hugging Face folder; reads runs, makes none.
+    from mlproject import export
+
+    export.add_parser(sub)
     return parser
 
 
@@ -138,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         from mlproject import housekeeping
 
         return housekeeping.main(args)
+    if args.step == "export":
+        from mlproject import export
+
+        return export.main(args)
     unsent_before = len(tracking.unsent_spools())
     try:
         info = entry(args.step)

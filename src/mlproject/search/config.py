@@ -48,6 +48,12 @@ class SearchConfig(RunOptions):
                            "that (its worker was killed) is failed and retried; 0 = off")
     max_retry: int = param(2, "times a trial whose worker died is retried with the same parameters")
     timeout: float = param(0.0, "seconds after which this worker starts no new trial (0 = no limit)")
+    register_weights: bool = param(True, "register each winner as real weights: its model (a recipe re-made, a LoRA "
+                                   "adapter merged; what mlproject export writes) is logged once as the model "
+                                   "named weights on its trial's target run and registered as models:/<study>@best_acc / "
+                                   "@best_ppl, loadable with from_pretrained; a winner that already holds weights (full "
+                                   "fine-tune, packed quantization) is registered as it is. At 7B that writes and uploads "
+                                   "~14.5 GB per winner (at most 2 per study). false: register the models as logged")
     dry_run: bool = param(False, "check the space, print it and the study's state; run nothing")
     experiment: str = param("", "MLflow experiment of the study run and its trials (default: $MLFLOW_EXPERIMENT_NAME, "
                             "else the study name)", cli_only=True)

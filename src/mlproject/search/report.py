@@ -9,7 +9,10 @@ importances, the optimization history, and a report.md.
   when one trial wins both; ``mlproject.best_acc`` / ``mlproject.best_ppl`` = ``true`` as exact
   filters either way), a former winner goes back to ``trial``; the trial's model (its target
   step's ``model`` artifact) is registered under the study's name with the alias, the version
-  tagged with the study, trial, run and metrics.
+  tagged with the study, trial, run and metrics. With ``register_weights`` (the default) a
+  winner whose model is a recipe or an adapter is first exported (``models.export``: re-made,
+  merged, in the root checkpoint's dtype) and logged once as the MLflow model ``weights`` of that
+  run, and *that* is registered: ``models:/<study>@best_acc`` then loads with ``from_pretrained``.
 * ``trials.csv`` / ``trials.md``: one row per counted trial (state, parameters, metrics, documents
   scored, run). ``pareto.csv`` / ``pareto.md`` / ``pareto.png``: the non-dominated completed trials
   for avg_acc vs PPL and avg_acc vs model size. ``importances.csv`` / ``importances.md``: Optuna's
@@ -107,7 +110,44 @@ def _dummy_outputs(pipe) -> dict[str, dict[str, str]]:
 
 
 # ----------------------------------------------------------------------------- winners
-def apply_winners(study, rows, winners, name: str, space) -> dict[str, dict[str, Any]]:
+#: Name of the MLflow model a winner's exported weights are logged as, on its target run.
+WEIGHTS = "weights"
+
+
+def winner_path(uri: str, name: str, register_weights: bool = True) -> str:
+    """The path on the winner's run to register: ``weights`` (exported once and logged there) when
+    its model (``runs:/<run>/<path>``) is a recipe or an adapter and ``register_weights``, else the
+    model's own path. An export that is refused (a non-uniformly pruned model, a digest that no
+    longer holds …) is a warning: the model is registered as logged."""
+    from mlproject.errors import UserError
+    from mlproject.models import export
+
+    model_run, _, path = uri[len("runs:/"):].partition("/")
+    path = path or "model"
+    if not register_weights:
+        return path
+    if tracking.logged_model(model_run, WEIGHTS) is not None:  # an earlier launch, or the other role
+        return WEIGHTS
+    try:
+        with tempfile.TemporaryDirectory(prefix="mlproject-weights-") as tmp:
+            plan = export.plan(uri, Path(tmp) / WEIGHTS, fetch=tracking.download)
+            if not plan.needs_weights:
+                return path
+            log.info("winner %s of study %s: exporting its %s as real weights (%s)", uri, name, plan.top.kind,
+                     plan.dtype)
+            done = export.export(plan, fetch=tracking.download, flavor=True)
+            run = tracking.Run(model_run, tracking.run_experiment_id(model_run))
+            run.log_model_dir(done.out_dir, WEIGHTS, flavor=done.flavor, tags={
+                names.STEP_TAG: "export", names.BASE_MODEL_TAG: done.lineage.get("base_model") or "",
+                names.FAMILY_TAG: done.lineage.get("family") or "", names.MODEL_UPSTREAM_TAG: uri,
+                names.STORE_TAG: "weights", names.STUDY_TAG: name})
+    except UserError as exc:
+        log.warning("winner %s of study %s is registered as logged, not as weights: %s", uri, name, exc)
+        return path
+    return WEIGHTS
+
+
+def apply_winners(study, rows, winners, name: str, space, register_weights: bool = True) -> dict[str, dict[str, Any]]:
     """Tags on the trial runs, aliases in the registry; returns {role: {trial, run_id, version, …}}."""
     roles: dict[str, list[str]] = {}
     for role, row in winners.items():
@@ -133,18 +173,22 @@ def apply_winners(study, rows, winners, name: str, space) -> dict[str, dict[str,
             tags = {names.STUDY_TAG: name, names.TRIAL_TAG: row["trial"], names.TRIAL_RUN_TAG: row["run_id"],
                     names.ROLE_TAG: role, **{f"metric.{k}": f"{v:.6g}" for k, v in metrics.items()},
                     **{k.replace("param ", "param."): v for k, v in row.items() if k.startswith("param ")}}
-            entry["version"] = tracking.register_alias(name, model_run, role, tags=tags)
+            path = winner_path(uri, name, register_weights)
+            entry["version"] = tracking.register_alias(name, model_run, role, tags=tags, path=path)
             entry["registered"] = f"models:/{name}@{role}"
+            entry["weights"] = path == WEIGHTS
+            entry["registered_from"] = f"runs:/{model_run}/{path}"
         out[role] = entry
     study.set_user_attr(STUDY_WINNERS, out)
     return out
 
 
 # ----------------------------------------------------------------------------- finalize
-def finalize(study, space, srun: tracking.Run, name: str, seconds: float = 0.0) -> Summary:
+def finalize(study, space, srun: tracking.Run, name: str, seconds: float = 0.0,
+             register_weights: bool = True) -> Summary:
     rows = trial_rows(study)
     ppl = ppl_metric_of(space)
-    winners = apply_winners(study, rows, pick_winners(rows, ppl), name, space)
+    winners = apply_winners(study, rows, pick_winners(rows, ppl), name, space, register_weights)
     counts = {s: sum(1 for r in rows if r["state"] == s) for s in ("COMPLETE", "PRUNED", "FAIL")}
     docs = sum(r["documents"] or 0 for r in rows)
     full = max((r["documents"] or 0 for r in rows if r["state"] == "COMPLETE" and r["documents"]), default=0)
@@ -302,7 +346,8 @@ def _summary_md(name, space, rows, counts, winners, metrics, fronts, importances
     lines.append("")
     if winners:
         lines.append(md_table(["role", "trial", "run", "registered", "value"], [
-            (role, w["trial"], w["run_id"], f"{w.get('registered', '-')} (version {w.get('version', '-')})",
+            (role, w["trial"], w["run_id"], f"{w.get('registered', '-')} (version {w.get('version', '-')}"
+             f"{', weights' if w.get('weights') else ''})",
              next((r.get("avg_acc" if role == "best_acc" else ppl) for r in rows if r["trial"] == w["trial"]), None))
             for role, w in winners.items()]))
     else:

@@ -89,7 +89,8 @@ def run(cfg: SearchConfig, parent: tracking.Run | None = None) -> StepResult:
         else:
             Worker(ctx, space=space, study=study, checked=checked).loop()
         study = reload_study(study)
-        summary = report.finalize(study, space, srun, name, seconds=time.perf_counter() - start)
+        summary = report.finalize(study, space, srun, name, seconds=time.perf_counter() - start,
+                                  register_weights=cfg.register_weights)
         return StepResult(step="search", run_id=srun.run_id, metrics=summary.metrics, text=summary.text,
                           details={"study": name, "winners": summary.winners, "storage": storage_label(cfg.storage)})
 
