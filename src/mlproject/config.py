@@ -41,6 +41,9 @@ class ModelOptions:
     dtype: str = param("auto", "weights dtype (auto = bfloat16 on CUDA, float32 on CPU)",
                        choices=("auto", "float32", "bfloat16", "float16"))
     device: str = param("auto", "auto, cpu, cuda or cuda:N")
+    strict_memory: bool = param(False, "refuse (exit 2, before the run) when the step's estimated peak memory "
+                                "exceeds what the device has free (CUDA) or the host's available RAM (CPU); "
+                                "false = a warning")
 
 
 @dataclass
@@ -75,6 +78,10 @@ CALIBRATION_HELP = ("calibration text (prune importance=activation; quantize gpt
                     "bundled PPL text), wikitext2 (hub) or a .txt path")
 CALIBRATION_SAMPLES_HELP = "calibration sequences: random windows of the calibration text, drawn with seed"
 CALIBRATION_SEQLEN_HELP = "tokens per calibration sequence"
+STORE_HELP = ("what the run's model holds: recipe (the input's reference, the parameters and a digest of the weights: "
+              "KBs, re-made and checked when loaded; rtn, bnb and prune) or weights (a full checkpoint); gptq, awq, "
+              "autoround and hqq always store their packed weights")
+STORE_CHOICES = ("recipe", "weights")
 
 
 def _field_default(cls, name: str) -> Any:
@@ -101,6 +108,7 @@ class QuantizeConfig(EvalOptions, ModelOptions, RunOptions):
     calibration_samples: int = param(128, CALIBRATION_SAMPLES_HELP)
     calibration_seqlen: int = param(512, CALIBRATION_SEQLEN_HELP)
     iters: int = param(200, "autoround: signed-gradient steps per decoder block (0 = RTN on AutoRound's grid)")
+    store: str = param("recipe", STORE_HELP, choices=STORE_CHOICES)
     evaluate: bool = param(True, EVALUATE_RESULT_HELP)
 
     @classmethod
@@ -143,6 +151,7 @@ class PruneStepConfig(EvalOptions, ModelOptions, RunOptions):
     calibration_samples: int = param(8, CALIBRATION_SAMPLES_HELP)
     calibration_seqlen: int = param(256, CALIBRATION_SEQLEN_HELP)
     keep_layers: int = param(0, "leave the first and last N decoder layers unpruned (N > 0: non-uniform sizes)")
+    store: str = param("recipe", STORE_HELP, choices=STORE_CHOICES)
     evaluate: bool = param(True, EVALUATE_RESULT_HELP)
 
     def __post_init__(self):
@@ -214,6 +223,8 @@ class FinetuneStepConfig(LaunchOptions, EvalOptions, ModelOptions, RunOptions):
     output_dir: str = param("", "checkpoint folder; auto = outputs/finetune/<model>-<hash of the "
                             "training settings>; resume looks here", empty="auto")
     save_steps: int = param(_train_default("save_steps"), "checkpoint every N optimizer steps (0 = none)")
+    keep_output: bool = param(False, "keep output_dir's checkpoints after a successful step (by default they go "
+                              "once the tracking server has the model)")
     gradient_checkpointing: bool = param(_train_default("gradient_checkpointing"),
                                          "recompute activations in backward (less memory, slower)")
     eval_before: bool = param(False, "evaluate the input model first (metrics before/<name>)")
