@@ -223,3 +223,22 @@ def test_a_search_scores_in_memory_one_load_per_trial(mlflow_uri, tiny_dirs, ppl
     assert not [u for u in downloads if any(r in u for r in quant_runs)]  # targets scored without a download
     gc.collect()
     assert all(w() is None for w in handed)  # nothing outlives the search
+
+
+def test_a_hand_off_nobody_takes_is_freed_before_the_next_load(tiny_dirs):
+    import gc
+    import weakref
+
+    first = loading.load_model(resolve(str(tiny_dirs["llama"])), dtype="float32")
+    loading.hand_off("runs:/0123456789abcdef0123456789abcdef/model", first, "cpu")
+    gone = weakref.ref(first.model)
+    del first
+    gc.collect()
+    assert gone() is not None  # held by the hand-off
+    other = loading.load_model(resolve(str(tiny_dirs["qwen2"])), dtype="float32")
+    gc.collect()
+    assert gone() is None and other.family == "qwen2"  # let go before the qwen2 weights were read
+    # taken once, then gone: a second load of the same URI cannot get the model its first taker changed
+    loading.hand_off("runs:/0123456789abcdef0123456789abcdef/model", other, "cpu")
+    assert loading.take_handoff("runs:/0123456789abcdef0123456789abcdef/model", "cpu") is other
+    assert loading.take_handoff("runs:/0123456789abcdef0123456789abcdef/model", "cpu") is None

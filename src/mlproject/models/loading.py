@@ -188,6 +188,8 @@ def load_model(
             cast_params(handed.model, torch_dtype)
             handed.ref = ref
             return apply_extra_adapter(handed, adapter, fetch)
+    if _HANDOFF:  # a model nobody took (another model, device or quantization): freed before this load
+        clear_handoff()
     local = local_source(ref, fetch)
     meta = read_meta(local) if local else {}
 

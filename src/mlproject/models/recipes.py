@@ -145,6 +145,8 @@ def materialize(folder: Path, meta: dict, label: str, *, device: str,
         else:
             raise UserError(f"{label}: unknown recipe operation {op!r}")
     except (RuntimeError, IndexError, KeyError, FileNotFoundError) as exc:
+        if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
+            raise
         raise UserError(f"{label}: cannot re-apply its recipe ({op} of {inp['ref']}): "
                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     got = weights_digest(loaded.model)

@@ -210,8 +210,10 @@ def execute(the_plan: Plan, *, cfg: PipelineConfig | None = None, parent: tracki
                 try:
                     result = _run_one(prun, planned, step_cfg)
                 except (KeyboardInterrupt, SystemExit):
+                    loading.clear_handoff()
                     raise
                 except Exception as exc:
+                    loading.clear_handoff()  # (a model handed to the failed step is not kept for the next trial)
                     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                     _log_report(prun, the_plan, results, failed=(name, first))
                     raise StepFailed(f"pipeline {pipe.name}: step {name!r} ({planned.step}) failed: {first}") from exc

@@ -193,7 +193,7 @@ def _prepare_fresh_dir(out: Path, run_id: str, clear: bool) -> None:
     (out / RUN_ID_FILE).write_text(run_id + "\n")
 
 
-def _settle_output(out: Path, unsent: dict[str, Path], keep: bool, named: bool) -> None:
+def _settle_output(out: Path, unsent: dict[str, Path], keep: bool, named: bool, run_id: str = "") -> None:
     """After a successful step: the checkpoint folder goes once the server has the model (nothing
     is left to resume); it stays when the upload is waiting in the spool, or with ``keep``.
     ``named``: the user gave the folder, so only what training wrote there is removed (checkpoints,
@@ -205,6 +205,11 @@ def _settle_output(out: Path, unsent: dict[str, Path], keep: bool, named: bool) 
         return
     if keep or not out.is_dir():
         return
+    with contextlib.suppress(OSError):
+        owner = (out / RUN_ID_FILE).read_text().strip()
+        if run_id and owner and owner != run_id:  # another run (a concurrent trial, same settings) trains there now
+            log.info("left %s in place: it belongs to run %s now", out, owner)
+            return
     if not named:
         shutil.rmtree(out, ignore_errors=True)
     else:
@@ -457,6 +462,7 @@ def _run_in(run: tracking.Run, cfg: FinetuneStepConfig, ref: ModelRef, plan: Eva
                 run.log_model_dir(saved.adapter_dir, "adapter", flavor=adapter_flavor, tags=tags)
         elif saved.adapter_dir is not None:  # (neither on the other ranks of a launch: nothing written)
             run.log_model_dir(saved.adapter_dir, "model", flavor=adapter_flavor, tags={**tags, names.MODEL_BASE_TAG: base_ref})
+    run.set_tags({names.STORE_TAG: "adapter" if saved.model_dir is None else "weights"})
     final = saved.model
     final.eval()  # the trainer leaves it in train mode (LoRA dropout on)
 
@@ -487,13 +493,19 @@ def _run_in(run: tracking.Run, cfg: FinetuneStepConfig, ref: ModelRef, plan: Eva
                  settings={"data": f"{params['dataset']} ({params['dataset_rows']} rows)", "lr": cfg.lr,
                            "train batch": cfg.train_batch_size, "device": device},
                  notes=("Not evaluated after training (eval_after=false)." if not outcome.metrics else "",))
-    distributed.on_main(_settle_output, out_dir, dict(run.unsent_models), cfg.keep_output, bool(cfg.output_dir.strip()))
+    distributed.on_main(_settle_output, out_dir, dict(run.unsent_models), cfg.keep_output, bool(cfg.output_dir.strip()),
+                        run.run_id)
+    # the model handed on in memory carries the lineage the logged folder does (a later
+    # fine-tune continuing this adapter reads its base from it)
+    handed = replace(after_loaded, local_dir=None,
+                     meta={**lineage, "kind": "adapter" if saved.adapter_dir is not None and saved.model_dir is None
+                           else "full", **({"base": base_ref} if saved.model_dir is None else {})})
     return StepResult(step="finetune", run_id=run.run_id, model_uri=run.model_uri(), metrics=metrics, key=key,
                       details={"global_step": step, "final_loss": result.final_loss, "output_dir": str(out_dir)},
                       model=final,
                       # what runs:/…/model reloads, but for QLoRA (k-bit training upcasts norms in place)
                       # and a launch's ranks: those reload it
-                      loaded=after_loaded if cfg.method != "qlora" and distributed.world_size() == 1 else None)
+                      loaded=handed if cfg.finetuning != "qlora" and distributed.world_size() == 1 else None)
 
 
 def _report_sections(cfg: FinetuneStepConfig, result: Any, before: dict[str, float], outcome: EvalOutcome,

@@ -58,12 +58,13 @@ def log_model(run: tracking.Run, loaded: loading.LoadedModel, ref: ModelRef, ste
         if kind == "recipe":
             out = recipes.write(
                 Path(tmp) / "model", model=loaded.model,
-                input_ref=ref.target if ref.kind == "local" else ref.raw, adapter=recipe.adapter,
+                input_ref=ref.target if ref.kind == "local" else ref.raw, adapter=_pinned_adapter(recipe.adapter),
                 identity=input_identity(ref), op=recipe.op, params=recipe.params,
                 dtype=str(recipe.dtype).removeprefix("torch."), device=recipe.device,
                 digest=recipes.weights_digest(loaded.model), versions=loading.recipe_versions(),
                 meta=meta, tensors=recipe.tensors)
             run.log_model_dir(out, "model", flavor=None, tags=tags)
+            loaded.meta = {**meta, "kind": "recipe"}  # what the model in memory now is (the hand-off carries it)
             return run.model_uri("model")
         if saved is not None:
             out = Path(saved)
@@ -73,7 +74,15 @@ def log_model(run: tracking.Run, loaded: loading.LoadedModel, ref: ModelRef, ste
             out = loading.save_model_dir(loaded.model, loaded.tokenizer, Path(tmp) / "model", **meta)
         flavor = loading.mlflow_flavor(loaded.model, loaded.tokenizer, out, source=source_model(loaded))
         run.log_model_dir(out, "model", flavor=flavor, tags=tags)
+    loaded.meta = dict(meta)
     return run.model_uri("model")
+
+
+def _pinned_adapter(adapter: str) -> str:
+    """A local adapter folder by its absolute path (a recipe is loaded from other directories)."""
+    if adapter and Path(adapter).expanduser().is_dir():
+        return str(Path(adapter).expanduser().resolve())
+    return adapter or ""
 
 
 def input_identity(ref: ModelRef) -> dict[str, str]:
