@@ -374,7 +374,7 @@ def _save_loaded(p: ExportPlan, tmp: Path, fetch, step, flavor: bool) -> Exporte
     step.update(postfix=f"loading in {p.dtype}")
     loaded = loading.load_model(p.ref, dtype=p.dtype, device=p.device, fetch=fetch)
     merged = False
-    if _is_peft(loaded.model):
+    if loading.is_peft(loaded.model):
         step.update(postfix="merging the adapter")
         log.info("merging the PEFT adapter of %s into its base (merge_and_unload)", p.ref.raw)
         loaded.model = loaded.model.merge_and_unload()
@@ -402,10 +402,6 @@ def _save_loaded(p: ExportPlan, tmp: Path, fetch, step, flavor: bool) -> Exporte
         out.flavor = loading.mlflow_flavor(model, loaded.tokenizer, tmp, source=_source_model(loaded.base_model))
     del loaded, model
     return out
-
-
-def _is_peft(model) -> bool:
-    return any(c.__name__ == "PeftModel" for c in type(model).__mro__)
 
 
 def _copy_packed(p: ExportPlan, tmp: Path, fetch) -> Exported:

@@ -297,11 +297,13 @@ def take_handoff(uri: str, device: str) -> LoadedModel | None:
 
 def clear_handoff(keep: str | None = None) -> None:
     """Let go of a handed-off model (unless it is ``keep``'s), so its memory is free before the next load."""
-    for uri in [u for u in _HANDOFF if u != keep]:
+    dropped = [u for u in _HANDOFF if u != keep]
+    for uri in dropped:
         del _HANDOFF[uri]
-    import gc
+    if dropped:
+        import gc
 
-    gc.collect()
+        gc.collect()
 
 
 def _same_device(a: str, b: str) -> bool:
@@ -327,18 +329,11 @@ def _load_recipe(ref: ModelRef, local: Path, meta: dict, *, torch_dtype, device:
     if quantization_config is not None:
         # bitsandbytes quantizes while reading a checkpoint: write the re-made float model once
         # (at 7B: 14.5 GB of temporary disk), then load that quantized
-        import tempfile
-
-        with tempfile.TemporaryDirectory(prefix="mlproject-remade-") as tmp:
-            flo = _load_recipe(ref, local, meta, torch_dtype=torch_dtype, device=device, adapter=None, fetch=fetch,
-                               quantization_config=None, trust_remote_code=trust_remote_code)
-            log.info("writing the re-made %s to a temporary folder to quantize it while loading", ref.raw)
-            save_model_dir(flo.model, flo.tokenizer, Path(tmp) / "remade", base_model=flo.base_model,
-                           family=flo.family, instruct=flo.instruct)
-            del flo
-            q = load_model(resolve(str(Path(tmp) / "remade")), dtype=str(torch_dtype).removeprefix("torch."),
-                           device=device, quantization_config=quantization_config,
-                           trust_remote_code=trust_remote_code)
+        flo = _load_recipe(ref, local, meta, torch_dtype=torch_dtype, device=device, adapter=None, fetch=fetch,
+                           quantization_config=None, trust_remote_code=trust_remote_code)
+        log.info("writing the re-made %s to a temporary folder to quantize it while loading", ref.raw)
+        q = _quantized_copy(flo, dtype=str(torch_dtype).removeprefix("torch."), device=device,
+                            quantization_config=quantization_config, trust_remote_code=trust_remote_code)
         q.ref, q.meta, q.local_dir = ref, meta, local
         q.base_model = meta.get("base_model") or q.base_model
         return apply_extra_adapter(q, adapter, fetch)
@@ -379,7 +374,6 @@ def load_merged(ref: ModelRef, *, dtype: str, device: str, adapter: str | None =
     merged into its base; with ``quantization_config`` the merged float weights are quantized
     (written once to a temporary folder: bitsandbytes quantizes while reading a checkpoint)."""
     import gc
-    import tempfile
 
     loaded = load_model(ref, dtype=dtype, device=device, adapter=adapter or None, fetch=fetch,
                         quantization_config=quantization_config, trust_remote_code=trust_remote_code)
@@ -392,20 +386,33 @@ def load_merged(ref: ModelRef, *, dtype: str, device: str, adapter: str | None =
         gc.collect()
         flo = load_merged(ref, dtype=dtype, device=device, adapter=adapter, fetch=fetch,
                           trust_remote_code=trust_remote_code)
-        with tempfile.TemporaryDirectory(prefix="mlproject-merged-") as tmp:
-            save_model_dir(flo.model, flo.tokenizer, Path(tmp) / "merged", base_model=flo.base_model,
-                           family=flo.family, instruct=flo.instruct)
-            del flo.model
-            gc.collect()
-            q = load_model(resolve(str(Path(tmp) / "merged")), dtype=dtype, device=device,
-                           quantization_config=quantization_config, trust_remote_code=trust_remote_code)
+        q = _quantized_copy(flo, dtype=dtype, device=device, quantization_config=quantization_config,
+                            trust_remote_code=trust_remote_code)
         q.ref, q.meta, q.adapter, q.local_dir = flo.ref, flo.meta, flo.adapter, flo.local_dir
-        q.base_model, q.family, q.instruct = flo.base_model, flo.family, flo.instruct
         return q
     log.info("merging the PEFT adapter into the base weights")
     loaded.model = loaded.model.merge_and_unload()
     loaded.model.eval()
     return loaded
+
+
+def _quantized_copy(flo: LoadedModel, *, dtype: str, device: str, quantization_config: Any,
+                    trust_remote_code: bool) -> LoadedModel:
+    """``flo``'s float model quantized while loading (bitsandbytes quantizes while reading a
+    checkpoint): written once to a temporary folder (14.5 GB at 7B), its weights let go, then
+    loaded with ``quantization_config``; the lineage (base model, family, instruct) carried over."""
+    import gc
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mlproject-merged-") as tmp:
+        save_model_dir(flo.model, flo.tokenizer, Path(tmp) / "merged", base_model=flo.base_model,
+                       family=flo.family, instruct=flo.instruct)
+        flo.model = None
+        gc.collect()
+        q = load_model(resolve(str(Path(tmp) / "merged")), dtype=dtype, device=device,
+                       quantization_config=quantization_config, trust_remote_code=trust_remote_code)
+    q.base_model, q.family, q.instruct = flo.base_model, flo.family, flo.instruct
+    return q
 
 
 def is_peft(model) -> bool:
@@ -523,7 +530,7 @@ def mlflow_flavor(model, tokenizer, out_dir: Path, source: str = "", base_path: 
 
     out = Path(out_dir)
     tokenizer.save_pretrained(out / "components" / "tokenizer")
-    peft = any(c.__name__ == "PeftModel" for c in type(model).__mro__)
+    peft = is_peft(model)
     base = model.get_base_model() if peft else model
     flavor: dict[str, Any] = {
         "task": "text-generation",
